@@ -1,0 +1,3 @@
+from tunnel_agent.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""Build the azure-iot-device client from settings: connection string, X.509 or DPS.
+
+The PnP model ID goes in ``product_info`` (the SDK sends a ``dtmi:`` product_info as the MQTT
+``model-id``) and in the DPS registration payload, so the hub and DPS both know what we are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from azure.iot.device import X509, ProxyOptions
+from azure.iot.device.aio import IoTHubDeviceClient, ProvisioningDeviceClient
+
+from tunnel_agent.config.proxy import ProxyAddress
+from tunnel_agent.config.settings import HubSettings
+from tunnel_agent.tunnel.contract import MODEL_ID
+
+DPS_ASSIGNED = "assigned"
+
+
+class ProvisioningFailed(Exception):
+    """DPS did not assign the device to a hub; the message carries DPS's status only."""
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    """Where the client connects, for log lines (no secrets)."""
+
+    hostname: str
+    device_id: str
+    auth: str
+
+
+def sdk_proxy_options(proxy: ProxyAddress | None) -> ProxyOptions | None:
+    if proxy is None:
+        return None
+    return ProxyOptions(  # type: ignore[no-untyped-call]
+        proxy.sdk_proxy_type, proxy.host, proxy.port, proxy.username, proxy.password
+    )
+
+
+def _common_options(settings: HubSettings, proxy: ProxyAddress | None) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "websockets": settings.websockets,
+        "keep_alive": settings.keep_alive,
+        "proxy_options": sdk_proxy_options(proxy),
+    }
+    if settings.ca_file is not None:
+        options["server_verification_cert"] = settings.ca_file.read_text()
+    return options
+
+
+def _client_options(settings: HubSettings, proxy: ProxyAddress | None) -> dict[str, Any]:
+    return {
+        **_common_options(settings, proxy),
+        "product_info": MODEL_ID,
+        "connection_retry": True,
+        "connection_retry_interval": settings.retry_interval,
+    }
+
+
+def _x509(settings: HubSettings) -> X509:
+    passphrase = settings.key_passphrase.get_secret_value() if settings.key_passphrase else None
+    return X509(str(settings.cert_file), str(settings.key_file), passphrase)  # type: ignore[no-untyped-call]
+
+
+async def create_device_client(
+    settings: HubSettings, proxy: ProxyAddress | None
+) -> tuple[IoTHubDeviceClient, DeviceIdentity]:
+    """A client ready to connect; DPS registration (network I/O) happens here when configured."""
+    options = _client_options(settings, proxy)
+    if settings.connection_string is not None:
+        text = settings.connection_string.get_secret_value()
+        fields = dict(part.split("=", 1) for part in text.split(";") if "=" in part)
+        client = IoTHubDeviceClient.create_from_connection_string(text, **options)
+        return client, DeviceIdentity(fields["HostName"], fields["DeviceId"], "sas")
+    if settings.id_scope is not None:
+        hostname, device_id = await provision(settings, proxy)
+        if settings.symmetric_key is not None:
+            client = IoTHubDeviceClient.create_from_symmetric_key(
+                settings.symmetric_key.get_secret_value(), hostname, device_id, **options
+            )
+            return client, DeviceIdentity(hostname, device_id, "dps-sas")
+        client = IoTHubDeviceClient.create_from_x509_certificate(
+            _x509(settings), hostname, device_id, **options
+        )
+        return client, DeviceIdentity(hostname, device_id, "dps-x509")
+    assert settings.hostname is not None and settings.device_id is not None
+    client = IoTHubDeviceClient.create_from_x509_certificate(
+        _x509(settings), settings.hostname, settings.device_id, **options
+    )
+    return client, DeviceIdentity(settings.hostname, settings.device_id, "x509")
+
+
+async def provision(settings: HubSettings, proxy: ProxyAddress | None) -> tuple[str, str]:
+    """Register with DPS, sending the model ID, and return (assigned hub, device id)."""
+    assert settings.id_scope is not None and settings.registration_id is not None
+    options = _common_options(settings, proxy)
+    if settings.symmetric_key is not None:
+        dps = ProvisioningDeviceClient.create_from_symmetric_key(
+            provisioning_host=settings.provisioning_host,
+            registration_id=settings.registration_id,
+            id_scope=settings.id_scope,
+            symmetric_key=settings.symmetric_key.get_secret_value(),
+            **options,
+        )
+    else:
+        dps = ProvisioningDeviceClient.create_from_x509_certificate(
+            provisioning_host=settings.provisioning_host,
+            registration_id=settings.registration_id,
+            id_scope=settings.id_scope,
+            x509=_x509(settings),
+            **options,
+        )
+    dps.provisioning_payload = {"modelId": MODEL_ID}
+    async with asyncio.timeout(settings.operation_timeout):
+        result = await dps.register()
+    state = result.registration_state
+    if result.status != DPS_ASSIGNED or state is None or not state.assigned_hub:
+        raise ProvisioningFailed(f"DPS registration status: {result.status}")
+    return str(state.assigned_hub), str(state.device_id)

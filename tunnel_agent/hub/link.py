@@ -1,0 +1,249 @@
+"""Keep the device connected to IoT Hub and answer direct methods without blocking the SDK.
+
+The SDK retries a dropped connection by itself at a fixed interval but is known to give up after
+some outages and network changes, and its calls can hang while disconnected. So: every SDK call here
+has a deadline; the first connection is retried with exponential backoff and jitter; and a link that
+stays down longer than ``reconnect_after`` is torn down and built again, with the same backoff.
+
+The SDK calls method handlers from its own threads. The handler here only hands the request to our
+event loop (``call_soon_threadsafe``) and returns at once; the answer is sent from our loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from azure.iot.device import MethodRequest, MethodResponse
+from azure.iot.device.aio import IoTHubDeviceClient
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
+
+from tunnel_agent.config.proxy import ProxyAddress
+from tunnel_agent.config.settings import HubSettings
+from tunnel_agent.hub.device_client import DeviceIdentity, create_device_client
+from tunnel_agent.logs import EventLogger
+from tunnel_agent.tunnel.service import MethodResult
+
+MethodHandler = Callable[[str, object], Awaitable[MethodResult]]
+STATE_POLL_S = 1.0
+
+
+class HubLink:
+    """The supervised device connection. ``run`` returns when ``stop`` is set."""
+
+    def __init__(
+        self,
+        settings: HubSettings,
+        proxy: ProxyAddress | None,
+        handler: MethodHandler,
+        *,
+        backoff_initial_s: float = 1.0,
+    ) -> None:
+        self.settings = settings
+        self.proxy = proxy
+        self.handler = handler
+        self.backoff_initial_s = backoff_initial_s
+        self.log = EventLogger("tunnel_agent.hub")
+        self.connected = False
+        self._connections = 0
+        self.identity: DeviceIdentity | None = None
+        self._client: IoTHubDeviceClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._answering: set[asyncio.Task[None]] = set()
+        self._state_changed = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            client = await self._connect_with_backoff(stop)
+            if client is None:
+                return
+            try:
+                await self._watch(client, stop)
+            finally:
+                await self._shutdown(client)
+
+    async def finish_answers(self, timeout_s: float) -> None:
+        """Let in-flight method answers go out before the client shuts down."""
+        if self._answering:
+            await asyncio.wait(set(self._answering), timeout=timeout_s)
+
+    # -- connecting ---------------------------------------------------------------------------
+
+    async def _connect_with_backoff(self, stop: asyncio.Event) -> IoTHubDeviceClient | None:
+        async def sleep_unless_stopped(seconds: float) -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), seconds)
+
+        def log_retry(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            wait = state.next_action.sleep if state.next_action else 0.0
+            self.log.warning(
+                "hub.connect_failed",
+                attempt=state.attempt_number,
+                error=_describe(error),
+                retry_in_s=round(wait, 1),
+            )
+
+        retrying = AsyncRetrying(
+            wait=wait_random_exponential(
+                multiplier=self.backoff_initial_s, max=self.settings.backoff_max
+            ),
+            retry=retry_if_exception_type(Exception),
+            stop=lambda _: stop.is_set(),
+            sleep=sleep_unless_stopped,
+            before_sleep=log_retry,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    if stop.is_set():
+                        return None
+                    return await self._connect_once()
+        except Exception:
+            return None  # stopped while failing
+        return None
+
+    async def _connect_once(self) -> IoTHubDeviceClient:
+        timeout = self.settings.operation_timeout
+        self.log.info(
+            "hub.connecting",
+            auth=self._auth_kind(),
+            proxy=self.proxy.display if self.proxy else None,
+        )
+        async with asyncio.timeout(timeout):
+            client, identity = await create_device_client(self.settings, self.proxy)
+        try:
+            async with asyncio.timeout(timeout):
+                await client.connect()
+            # Both setters block while the SDK subscribes: keep them off our loop.
+            async with asyncio.timeout(timeout):
+                await asyncio.to_thread(
+                    setattr, client, "on_connection_state_change", self._on_state_change
+                )
+                await asyncio.to_thread(
+                    setattr, client, "on_method_request_received", self._on_method_request
+                )
+        except BaseException:
+            await self._shutdown(client)
+            raise
+        self.identity = identity
+        self._client = client
+        self._set_connected(True, client)
+        return client
+
+    def _auth_kind(self) -> str:
+        if self.settings.connection_string is not None:
+            return "connection_string"
+        return "dps" if self.settings.id_scope is not None else "x509"
+
+    # -- watching -----------------------------------------------------------------------------
+
+    async def _watch(self, client: IoTHubDeviceClient, stop: asyncio.Event) -> None:
+        """Log state changes; return when stopping or when the link needs rebuilding."""
+        down_since: float | None = None
+        while not stop.is_set():
+            self._state_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    _first(stop.wait(), self._state_changed.wait()), STATE_POLL_S
+                )
+            connected = bool(client.connected)
+            if connected != self.connected:
+                self._set_connected(connected, client)
+            if connected:
+                down_since = None
+                continue
+            now = time.monotonic()
+            down_since = down_since or now
+            if now - down_since > self.settings.reconnect_after:
+                self.log.warning("hub.rebuilding_client", down_s=round(now - down_since, 1))
+                return
+
+    def _set_connected(self, connected: bool, client: IoTHubDeviceClient) -> None:
+        if connected and not self.connected:
+            self._connections += 1
+            identity = self.identity
+            self.log.info(
+                "hub.connected",
+                host=identity.hostname if identity else None,
+                device=identity.device_id if identity else None,
+                reconnects=self.reconnects,
+            )
+        elif not connected and self.connected:
+            self.log.warning("hub.disconnected")
+        self.connected = connected
+
+    @property
+    def reconnects(self) -> int:
+        """Connections made after the first one (SDK reconnects and rebuilt clients)."""
+        return max(0, self._connections - 1)
+
+    async def _shutdown(self, client: IoTHubDeviceClient) -> None:
+        if self._client is client:
+            self._client = None
+            if self.connected:
+                self.log.info("hub.disconnecting")
+            self.connected = False
+        try:
+            async with asyncio.timeout(self.settings.operation_timeout):
+                await client.shutdown()
+        except Exception as exc:
+            self.log.warning("hub.shutdown_failed", error=_describe(exc))
+
+    # -- SDK callbacks (SDK threads) ------------------------------------------------------------
+
+    def _on_state_change(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._state_changed.set)
+
+    def _on_method_request(self, request: MethodRequest) -> None:
+        loop = self._loop
+        client = self._client
+        if loop is not None and client is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._start_answer, client, request)
+
+    # -- answering (our loop) -----------------------------------------------------------------
+
+    def _start_answer(self, client: IoTHubDeviceClient, request: MethodRequest) -> None:
+        task = asyncio.get_running_loop().create_task(self._answer(client, request))
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+
+    async def _answer(self, client: IoTHubDeviceClient, request: MethodRequest) -> None:
+        result = await self.handler(str(request.name), request.payload)
+        response = MethodResponse.create_from_method_request(request, result.status, result.body)
+        try:
+            async with asyncio.timeout(self.settings.operation_timeout):
+                await client.send_method_response(response)
+        except Exception as exc:
+            self.log.warning(
+                "hub.method_response_failed",
+                method=str(request.name)[:64],
+                status=result.status,
+                error=_describe(exc),
+            )
+
+
+async def _first(*waits: Awaitable[Any]) -> None:
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _describe(error: BaseException | None) -> str:
+    if error is None:
+        return "unknown"
+    if isinstance(error, TimeoutError):
+        return "timeout"
+    cause = error.__cause__
+    detail = f" ({type(cause).__name__})" if cause is not None else ""
+    return f"{type(error).__name__}{detail}"

@@ -1,0 +1,1 @@
+"""The tunnel: the tunnelOpen contract, its validation, connecting both ends and pumping bytes."""

@@ -1,0 +1,107 @@
+"""Opening both ends of a tunnel: TCP to the camera, then the WebSocket to the cloud.
+
+Each step has its own deadline so that the tunnelOpen answer always lands well inside the
+direct-method timeout, and every failure closes what was already opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import picows
+
+from tunnel_agent.config.proxy import InvalidProxy, ProxyAddress
+from tunnel_agent.logs import EventLogger
+from tunnel_agent.tunnel import contract
+from tunnel_agent.tunnel.errors import BAD_GATEWAY, TunnelError, camera_unreachable
+from tunnel_agent.tunnel.failures import websocket_failure
+from tunnel_agent.tunnel.proxy_choice import choose_proxy
+from tunnel_agent.tunnel.pump import PumpLimits, Tunnel
+from tunnel_agent.tunnel.request import TunnelRequest
+from tunnel_agent.tunnel.targets import CameraTarget
+
+MAX_FRAME_BYTES = 4 * 1024 * 1024
+READ_BUFFER_INITIAL_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    """Everything connecting needs besides the request itself."""
+
+    connect_timeout_s: float
+    handshake_timeout_s: float
+    ssl_context: ssl.SSLContext
+    user_agent: Callable[[CameraTarget], str]
+    limits: PumpLimits = field(default_factory=PumpLimits)
+    proxy: ProxyAddress | None = None
+    environ: Mapping[str, str] = field(default_factory=dict)
+
+
+def tls_context(extra_ca_file: Path | None) -> ssl.SSLContext:
+    """System trust store plus an optional extra CA bundle; verification is always on."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if extra_ca_file is not None:
+        context.load_verify_locations(cafile=str(extra_ca_file))
+    return context
+
+
+def request_headers(token: str, user_agent: str) -> list[tuple[str, str]]:
+    return [
+        ("Authorization", f"Bearer {token}"),
+        (contract.HEADER_CONNECTION_SOURCE, contract.CONNECTION_SOURCE_PNP_DEVICE),
+        ("User-Agent", user_agent),
+    ]
+
+
+async def connect_tunnel(
+    tunnel_id: str,
+    request: TunnelRequest,
+    target: CameraTarget,
+    options: ConnectOptions,
+    log: EventLogger,
+) -> Tunnel:
+    """Connect the camera, then the WebSocket, and start pumping; or raise TunnelError."""
+    loop = asyncio.get_running_loop()
+    endpoint = request.endpoint
+    tunnel = Tunnel(tunnel_id, target, endpoint.display, options.limits, log)
+    try:
+        async with asyncio.timeout(options.connect_timeout_s):
+            await loop.create_connection(lambda: tunnel.camera, target.host, target.port)
+    except (OSError, TimeoutError):
+        raise camera_unreachable(target.host, request.local_port) from None
+
+    try:
+        try:
+            proxy = choose_proxy(endpoint.scheme, endpoint.host, options.proxy, options.environ)
+        except InvalidProxy:
+            raise TunnelError(
+                BAD_GATEWAY, endpoint.display, "Proxy setting in the environment is invalid"
+            ) from None
+        try:
+            async with asyncio.timeout(options.handshake_timeout_s):
+                ws, _ = await picows.ws_connect(
+                    lambda: tunnel.remote,
+                    endpoint.url,
+                    ssl_context=options.ssl_context if endpoint.secure else None,
+                    websocket_handshake_timeout=options.handshake_timeout_s,
+                    enable_auto_ping=False,
+                    max_frame_size=MAX_FRAME_BYTES,
+                    extra_headers=request_headers(request.token, options.user_agent(target)),
+                    max_redirects=0,
+                    proxy=proxy.url() if proxy is not None else None,
+                    read_buffer_init_size=READ_BUFFER_INITIAL_BYTES,
+                    logger_name="picows.tunnel",
+                )
+        except TunnelError:
+            raise
+        except Exception as exc:
+            raise websocket_failure(exc, endpoint.display) from None
+    except BaseException:
+        tunnel.abort("open failed")
+        raise
+    tunnel.start(ws)
+    return tunnel
