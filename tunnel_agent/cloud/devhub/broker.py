@@ -1,0 +1,174 @@
+"""One mosquitto process standing in for IoT Hub's MQTT endpoint for one device.
+
+IoT Hub's device topics (``$iothub/methods/POST/...``) carry no device id: the hub keeps one
+session namespace per device. mosquitto has no per-client topic namespaces (and the ``mount_point``
+of Debian 12's 2.0.11 is not stripped on delivery), so the emulator gives every device its own
+broker on its own loopback address, port 8883 (the SDK's MQTT port cannot be changed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+MQTTS_PORT = 8883
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
+INSTALL_HINT = "mosquitto is not installed (Debian/Ubuntu: sudo apt-get install mosquitto)"
+
+
+class BrokerError(Exception):
+    """mosquitto could not be started; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class BrokerSpec:
+    """Where a device broker listens and with which TLS material."""
+
+    host: str
+    folder: Path
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    port: int = MQTTS_PORT
+    require_client_cert: bool = False
+
+
+def render_config(spec: BrokerSpec, user: str) -> str:
+    """mosquitto.conf: TLS only, loopback only, sessions persisted like IoT Hub's."""
+    data = spec.folder / "data"
+    lines = [
+        f"user {user}",
+        "persistence true",
+        f"persistence_location {data}/",
+        "autosave_interval 5",
+        f"log_dest file {spec.folder / 'mosquitto.log'}",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",
+        "connection_messages true",
+        "sys_interval 1",
+        "max_packet_size 270000",
+        f"listener {spec.port} {spec.host}",
+        f"cafile {spec.ca_file}",
+        f"certfile {spec.cert_file}",
+        f"keyfile {spec.key_file}",
+        f"require_certificate {'true' if spec.require_client_cert else 'false'}",
+        "allow_anonymous true",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+class MosquittoBroker:
+    def __init__(self, spec: BrokerSpec) -> None:
+        self.spec = spec
+        self._process: asyncio.subprocess.Process | None = None
+
+    @property
+    def config_file(self) -> Path:
+        return self.spec.folder / "mosquitto.conf"
+
+    @property
+    def log_file(self) -> Path:
+        return self.spec.folder / "mosquitto.log"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
+    async def start(self) -> None:
+        binary = shutil.which("mosquitto") or _sbin("mosquitto")
+        if binary is None:
+            raise BrokerError(INSTALL_HINT)
+        self.spec.folder.mkdir(parents=True, exist_ok=True)
+        (self.spec.folder / "data").mkdir(exist_ok=True)
+        self.config_file.write_text(render_config(self.spec, getpass.getuser()))
+        log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
+        self._process = await asyncio.create_subprocess_exec(
+            binary,
+            "-c",
+            str(self.config_file),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            await self._wait_listening()
+        except BrokerError as exc:
+            stderr = await self._stop_and_read_stderr()
+            raise BrokerError(f"{exc}{self._explain(stderr, log_start)}") from None
+
+    async def _wait_listening(self) -> None:
+        deadline = asyncio.get_running_loop().time() + START_TIMEOUT_S
+        while True:
+            process = self._process
+            if process is None or process.returncode is not None:
+                raise BrokerError(f"mosquitto exited while starting on {self.address}")
+            try:
+                _, writer = await asyncio.open_connection(self.spec.host, self.spec.port)
+            except OSError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise BrokerError(f"mosquitto did not listen on {self.address}") from None
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return
+
+    @property
+    def address(self) -> str:
+        return f"{self.spec.host}:{self.spec.port}"
+
+    def _explain(self, stderr: str, log_start: int) -> str:
+        text = stderr
+        if self.log_file.exists():
+            with self.log_file.open() as handle:
+                handle.seek(log_start)
+                text += handle.read()
+        if "Address already in use" in text:
+            return f": {self.address} is already in use"
+        errors = [line.split(": ", 1)[-1] for line in text.splitlines() if "Error" in line]
+        return f": {errors[-1]}" if errors else ""
+
+    async def _stop_and_read_stderr(self) -> str:
+        process = self._process
+        if process is None:
+            return ""
+        if process.returncode is None:
+            process.kill()
+        _, stderr = await process.communicate()
+        self._process = None
+        return stderr.decode(errors="replace") if stderr else ""
+
+    async def stop(self) -> None:
+        """SIGTERM (mosquitto saves its sessions), SIGKILL if it lingers."""
+        process = self._process
+        self._process = None
+        if process is None or process.returncode is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                await process.communicate()
+        except TimeoutError:
+            process.kill()
+            await process.communicate()
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+
+def _sbin(name: str) -> str | None:
+    for folder in ("/usr/sbin", "/usr/local/sbin", "/sbin"):
+        candidate = Path(folder) / name
+        if candidate.exists():
+            return str(candidate)
+    return None

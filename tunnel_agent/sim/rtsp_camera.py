@@ -1,0 +1,145 @@
+"""A synthetic RTSP camera on GStreamer's gst-rtsp-server: H.264 test pattern, optional Basic auth.
+
+Run with the system interpreter that has the GObject bindings (Debian: python3-gi and
+gir1.2-gst-rtsp-server-1.0), not a virtual environment:
+
+    /usr/bin/python3 rtsp_camera.py --port 8554 --path /test [--user U --password P]
+
+It can also serve a RECORD mount (``--record-path``) that accepts ANNOUNCE/RECORD publishers and
+counts the frames it decodes, for re-streaming tests. It prints ``READY <port>`` once listening,
+``RECORD <n>`` every second while a publisher is decoded, and stops on SIGTERM or SIGINT.
+
+This file must not import the tunnel_agent package: it runs outside the package's environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+import gi
+
+gi.require_version("Gst", "1.0")
+gi.require_version("GstRtspServer", "1.0")
+from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
+
+LIVE_SOURCE = (
+    "videotestsrc is-live=true pattern={pattern} ! "
+    "video/x-raw,width={width},height={height},framerate={fps}/1 ! "
+    "x264enc tune=zerolatency speed-preset=ultrafast key-int-max={gop} bitrate={kbps} ! "
+    "rtph264pay name=pay0 pt=96 config-interval=1"
+)
+RECORD_SINK = "( decodebin name=depay0 ! videoconvert ! fakesink name=frames signal-handoffs=true )"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8554)
+    parser.add_argument("--path", default="/test")
+    parser.add_argument("--user")
+    parser.add_argument("--password", help="prefer the RTSP_CAMERA_PASSWORD environment variable")
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--height", type=int, default=360)
+    parser.add_argument("--fps", type=int, default=15)
+    parser.add_argument("--gop", type=int, default=15, help="frames between keyframes")
+    parser.add_argument("--kbps", type=int, default=1000)
+    parser.add_argument("--pattern", default="smpte")
+    parser.add_argument("--record-path", help="also serve a RECORD mount at this path")
+    parser.add_argument("--tls-cert", help="PEM certificate + key file: serve RTSPS")
+    return parser.parse_args(argv)
+
+
+class FrameCounter:
+    def __init__(self) -> None:
+        self.frames = 0
+
+    def attach(self, media: GstRtspServer.RTSPMedia) -> None:
+        sink = media.get_element().get_by_name("frames")
+        if sink is not None:
+            sink.connect("handoff", self._on_frame)
+
+    def _on_frame(self, *_: object) -> None:
+        self.frames += 1
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    password = os.environ.get("RTSP_CAMERA_PASSWORD") or args.password
+    Gst.init(None)
+    server = GstRtspServer.RTSPServer()
+    server.set_address(args.host)
+    server.set_service(str(args.port))
+
+    live = GstRtspServer.RTSPMediaFactory()
+    launch = LIVE_SOURCE.format(
+        pattern=args.pattern,
+        width=args.width,
+        height=args.height,
+        fps=args.fps,
+        gop=args.gop,
+        kbps=args.kbps,
+    )
+    live.set_launch(f"( {launch} )")
+    live.set_shared(True)
+    mounts = server.get_mount_points()
+    mounts.add_factory(args.path, live)
+
+    counter = FrameCounter()
+    if args.record_path:
+        record = GstRtspServer.RTSPMediaFactory()
+        record.set_transport_mode(GstRtspServer.RTSPTransportMode.RECORD)
+        record.set_launch(RECORD_SINK)
+        record.connect("media-configure", lambda _factory, media: counter.attach(media))
+        mounts.add_factory(args.record_path, record)
+
+    if args.user:
+        auth = GstRtspServer.RTSPAuth()
+        token = GstRtspServer.RTSPToken()
+        token.set_string(GstRtspServer.RTSP_TOKEN_MEDIA_FACTORY_ROLE, "user")
+        basic = GstRtspServer.RTSPAuth.make_basic(args.user, password or "")
+        auth.add_basic(basic, token)
+        server.set_auth(auth)
+        permissions = GstRtspServer.RTSPPermissions()
+        permissions.add_role("user")
+        permissions.add_permission_for_role("user", "media.factory.access", True)
+        permissions.add_permission_for_role("user", "media.factory.construct", True)
+        live.set_permissions(permissions)
+        if args.record_path:
+            record.set_permissions(permissions)
+
+    if args.tls_cert:
+        auth = server.get_auth() or GstRtspServer.RTSPAuth()
+        from gi.repository import Gio
+
+        auth.set_tls_certificate(Gio.TlsCertificate.new_from_file(args.tls_cert))
+        server.set_auth(auth)
+        for factory in (live, record) if args.record_path else (live,):
+            factory.set_profiles(GstRtspServer.RTSPProfile.SAVP | GstRtspServer.RTSPProfile.AVP)
+
+    if server.attach(None) == 0:
+        print(f"ERROR cannot listen on {args.host}:{args.port}", flush=True)
+        return 1
+    print(f"READY {server.get_bound_port()}", flush=True)
+
+    loop = GLib.MainLoop()
+    GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, signal.SIGTERM, loop.quit)
+    GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, signal.SIGINT, loop.quit)
+
+    last = [0]
+
+    def report() -> bool:
+        if counter.frames != last[0]:
+            last[0] = counter.frames
+            print(f"RECORD {counter.frames}", flush=True)
+        return True
+
+    GLib.timeout_add_seconds(1, report)
+    loop.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
