@@ -1,0 +1,162 @@
+"""A cloud-side WebSocket endpoint for tests: checks the agent's headers, then bridges to a consumer.
+
+A test opens a *session* (a token and a consumer TCP port), invokes tunnelOpen with the session's
+URL, and connects a consumer (ffprobe, PyAV) to the session's port: the endpoint joins the consumer
+to the device's WebSocket with the relay's own bridge and counts the bytes. Other paths answer with
+a fixed HTTP status, and a raw listener accepts TCP and never answers (a handshake that hangs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from tunnel_agent.cloud.relay.bridge import ByteCounters, bridge
+
+SessionHandler = Callable[[web.WebSocketResponse, "Session"], Awaitable[None]]
+
+
+@dataclass
+class Session:
+    id: str
+    token: str
+    handler: SessionHandler | None = None
+    consumer_port: int = 0
+    counters: ByteCounters = field(default_factory=ByteCounters)
+    headers: dict[str, str] = field(default_factory=dict)
+    connections: int = 0
+    ended: str | None = None
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    consumer: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
+    server: asyncio.Server | None = None
+
+
+class TunnelEndpoint:
+    """Runs on a ThreadLoop; all coroutines below run on that loop."""
+
+    def __init__(self, tls: ssl.SSLContext | None, untrusted_tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
+        self.untrusted_tls = untrusted_tls
+        self.sessions: dict[str, Session] = {}
+        self.rejections: list[tuple[str, int]] = []
+        self.ports: dict[str, int] = {}
+        self._runner: web.AppRunner | None = None
+        self._hang_server: asyncio.Server | None = None
+        self._held: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/tunnel/{id}", self._tunnel)
+        app.router.add_get("/status/{code}", self._status)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        listeners = {"ws": None, "wss": self.tls, "wss_untrusted": self.untrusted_tls}
+        for name, context in listeners.items():
+            if name != "ws" and context is None:
+                continue
+            site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=context)
+            await site.start()
+            server = site._server  # noqa: SLF001 - aiohttp exposes no public bound-port accessor
+            assert server is not None and server.sockets
+            self.ports[name] = server.sockets[0].getsockname()[1]
+        self._hang_server = await asyncio.start_server(self._hold, "127.0.0.1", 0)
+        self.ports["hang"] = self._hang_server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        for writer in self._held:
+            writer.close()
+        if self._hang_server is not None:
+            self._hang_server.close()
+        for session in self.sessions.values():
+            if session.server is not None:
+                session.server.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def url(self, path: str, scheme: str = "wss", *, listener: str | None = None) -> str:
+        port = self.ports[listener or scheme]
+        return f"{scheme}://127.0.0.1:{port}{path}"
+
+    async def new_session(self, token: str | None = None, handler: SessionHandler | None = None) -> Session:
+        session = Session(id=secrets.token_hex(4), token=token or secrets.token_urlsafe(24), handler=handler)
+        session.consumer = asyncio.get_running_loop().create_future()
+        if handler is None:
+            session.server = await asyncio.start_server(
+                lambda r, w: self._consumer(session, r, w), "127.0.0.1", 0
+            )
+            session.consumer_port = session.server.sockets[0].getsockname()[1]
+        self.sessions[session.id] = session
+        return session
+
+    async def _consumer(self, session: Session, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert session.consumer is not None
+        if session.consumer.done():
+            writer.close()
+            return
+        session.consumer.set_result((reader, writer))
+        await session.finished.wait()
+
+    async def _tunnel(self, request: web.Request) -> web.StreamResponse:
+        session = self.sessions.get(request.match_info["id"])
+        if session is None:
+            return self._reject(request, 404)
+        session.headers = dict(request.headers)
+        if request.headers.get("Authorization") != f"Bearer {session.token}":
+            return self._reject(request, 401)
+        if request.headers.get("TunnelConnectionSource") != "PnpDevice":
+            return self._reject(request, 403)
+        if not request.headers.get("User-Agent", "").startswith("tunnel-agent/"):
+            return self._reject(request, 400)
+        ws = web.WebSocketResponse(max_msg_size=0, autoping=True)
+        await ws.prepare(request)
+        session.connections += 1
+        session.connected.set()
+        try:
+            if session.handler is not None:
+                await session.handler(ws, session)
+                session.ended = "handler done"
+            else:
+                assert session.consumer is not None
+                reader, writer = await asyncio.wait_for(asyncio.shield(session.consumer), 120)
+                session.ended = await bridge(ws, reader, writer, session.counters)
+        finally:
+            session.finished.set()
+        return ws
+
+    def _reject(self, request: web.Request, status: int) -> web.Response:
+        self.rejections.append((request.path, status))
+        return web.Response(status=status)
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.Response(status=int(request.match_info["code"]))
+
+    async def _hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._held.append(writer)
+        with contextlib.suppress(Exception):
+            await reader.read()
+
+
+async def sink_handler(ws: web.WebSocketResponse, session: Session) -> None:
+    """Count what the device sends until it closes."""
+    async for message in ws:
+        if isinstance(message.data, bytes):
+            session.counters.to_consumer += len(message.data)
+
+
+def echo_handler_factory(extra: dict[str, Any] | None = None) -> SessionHandler:
+    async def echo(ws: web.WebSocketResponse, session: Session) -> None:
+        async for message in ws:
+            if isinstance(message.data, bytes):
+                session.counters.to_consumer += len(message.data)
+                await ws.send_bytes(message.data)
+                session.counters.to_device += len(message.data)
+
+    return echo

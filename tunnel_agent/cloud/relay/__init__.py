@@ -1,0 +1,1 @@
+"""The relay: consumers connect by TCP, devices connect back by WebSocket, the relay joins them."""
