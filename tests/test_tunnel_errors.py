@@ -1,0 +1,214 @@
+"""Every tunnelOpen error row, produced by real conditions, through the hub and a real agent."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from tests.support.agent import AgentRunner
+from tests.support.hub import HubHarness
+from tests.support.net import free_port
+from tests.support.tcp_camera import TcpCamera
+from tests.support.threadloop import ThreadLoop
+from tests.support.ws_endpoint import TunnelEndpoint, sink_handler
+from tunnel_agent.cloud.devhub.certs import LocalCA
+
+HANDSHAKE_TIMEOUT_S = 2.0
+MAX_TUNNELS = 3
+
+
+@pytest.fixture(scope="module")
+def tcp_camera(servers: ThreadLoop) -> Iterator[TcpCamera]:
+    cam = TcpCamera()
+    servers.run(cam.start())
+    yield cam
+    servers.run(cam.stop())
+
+
+@pytest.fixture(scope="module")
+def closed_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def agent(
+    tmp_path_factory: pytest.TempPathFactory, hub: HubHarness, ca: LocalCA, tcp_camera: TcpCamera, closed_port: int
+) -> Iterator[AgentRunner]:
+    runner = AgentRunner(
+        tmp_path_factory.mktemp("errors-agent"),
+        {
+            "hub": hub.hub_config(),
+            "tunnel": {
+                "ca_file": str(ca.cert_file),
+                "handshake_timeout": HANDSHAKE_TIMEOUT_S,
+                "connect_timeout": 2.0,
+                "max_tunnels": MAX_TUNNELS,
+            },
+            "cameras": [
+                {"name": "stub", "host": "127.0.0.1", "ports": [tcp_camera.port]},
+                {"name": "gone", "host": "127.0.0.1", "ports": [closed_port]},
+            ],
+        },
+        env={"HTTPS_PROXY": "", "https_proxy": "", "ALL_PROXY": "", "all_proxy": ""},
+    )
+    runner.wait_connected()
+    hub.wait_device()
+    yield runner
+    runner.stop()
+    hub.wait_device_gone()
+
+
+@pytest_asyncio.fixture
+async def fresh(tcp_camera: TcpCamera, servers: ThreadLoop) -> AsyncIterator[TcpCamera]:
+    """The stub camera, with the check that no connection to it is left open after the test."""
+    yield tcp_camera
+    assert await servers.call(tcp_camera.all_closed(5.0)), "a camera socket was left open"
+
+
+async def open_tunnel(hub: HubHarness, endpoint: str, token: str, port: int) -> tuple[int, dict[str, Any], float]:
+    started = time.monotonic()
+    status, body = await hub.tunnel_open(endpoint, token, port)
+    return status, body, time.monotonic() - started
+
+
+def assert_error(body: dict[str, Any], code: str, target: str, message: str) -> None:
+    assert body == {"code": code, "target": target, "message": body["message"]}
+    assert message in body["message"], body
+
+
+async def test_port_not_configured(agent: AgentRunner, hub: HubHarness, endpoint: TunnelEndpoint) -> None:
+    status, body, _ = await open_tunnel(hub, endpoint.url("/status/500"), "t", 9)
+    assert status == 400
+    assert body == {"code": "400", "target": "localhost:9", "message": "Local port is not available"}
+
+
+async def test_camera_port_closed(agent: AgentRunner, hub: HubHarness, endpoint: TunnelEndpoint, closed_port: int) -> None:
+    status, body, _ = await open_tunnel(hub, endpoint.url("/status/500"), "t", closed_port)
+    assert status == 400
+    assert body == {"code": "400", "target": f"127.0.0.1:{closed_port}", "message": "Could not connect to RTSP endpoint"}
+
+
+@pytest.mark.parametrize(("path", "status", "message"), [
+    ("/tunnel/no-such-session", 404, "Not Found"),
+    ("/status/401", 401, "Unauthorized"),
+    ("/status/403", 403, "Forbidden"),
+    ("/status/500", 500, "Internal Server Error"),
+    ("/status/503", 503, "Service Unavailable"),
+])
+async def test_http_rejections_keep_their_status(
+    agent: AgentRunner, hub: HubHarness, endpoint: TunnelEndpoint, fresh: TcpCamera, path: str, status: int, message: str
+) -> None:
+    url = endpoint.url(path)
+    answer, body, _ = await open_tunnel(hub, url + "?sig=query-secret", "token-abc", fresh.port)
+
+    assert answer == status
+    assert body == {"code": str(status), "target": url, "message": message}
+
+
+async def test_wrong_token_is_a_401_from_the_endpoint(
+    agent: AgentRunner, hub: HubHarness, endpoint: TunnelEndpoint, servers: ThreadLoop, fresh: TcpCamera
+) -> None:
+    session = await servers.call(endpoint.new_session())
+    url = endpoint.url(f"/tunnel/{session.id}")
+    status, body, _ = await open_tunnel(hub, url, "not-" + session.token, fresh.port)
+
+    assert status == 401
+    assert_error(body, "401", url, "Unauthorized")
+
+
+async def test_untrusted_certificate(agent: AgentRunner, hub: HubHarness, endpoint: TunnelEndpoint, fresh: TcpCamera) -> None:
+    url = endpoint.url("/status/200", listener="wss_untrusted")
+    status, body, _ = await open_tunnel(hub, url, "t", fresh.port)
+
+    assert status == 502
+    assert_error(body, "502", url, "TLS certificate of the remote endpoint is not trusted")
+
+
+async def test_plain_server_behind_wss_is_a_tls_failure(
+    agent: AgentRunner, hub: HubHarness, endpoint: TunnelEndpoint, fresh: TcpCamera
+) -> None:
+    url = f"wss://127.0.0.1:{endpoint.ports['ws']}/status/200"
+    status, body, _ = await open_tunnel(hub, url, "t", fresh.port)
+
+    assert status == 502
+    assert_error(body, "502", url, "TLS")
+
+
+async def test_unknown_host(agent: AgentRunner, hub: HubHarness, fresh: TcpCamera) -> None:
+    url = "wss://no-such-relay.invalid/t"
+    status, body, took = await open_tunnel(hub, url, "t", fresh.port)
+
+    assert (status, body["target"]) in ((502, url), (504, url))
+    assert body["message"] in ("Could not resolve the remote endpoint host", "Timed out opening the WebSocket")
+
+
+async def test_connection_refused(agent: AgentRunner, hub: HubHarness, fresh: TcpCamera) -> None:
+    url = f"wss://127.0.0.1:{free_port()}/t"
+    status, body, _ = await open_tunnel(hub, url, "t", fresh.port)
+
+    assert status == 502
+    assert_error(body, "502", url, "Connection refused by the remote endpoint")
+
+
+async def test_handshake_that_never_completes_times_out(
+    agent: AgentRunner, hub: HubHarness, endpoint: TunnelEndpoint, fresh: TcpCamera
+) -> None:
+    url = endpoint.url("/t", listener="hang")
+    status, body, took = await open_tunnel(hub, url, "t", fresh.port)
+
+    assert status == 504
+    assert_error(body, "504", url, "Timed out opening the WebSocket")
+    assert HANDSHAKE_TIMEOUT_S <= took < HANDSHAKE_TIMEOUT_S + 3
+
+
+async def test_ws_scheme_is_refused_unless_allowed(agent: AgentRunner, hub: HubHarness, endpoint: TunnelEndpoint, fresh: TcpCamera) -> None:
+    status, body, _ = await open_tunnel(hub, endpoint.url("/status/200", "ws"), "t", fresh.port)
+    assert status == 400
+    assert body["target"] == "remoteEndpoint"
+    assert len(fresh.connections) == 0 or all(c.closed.is_set() for c in fresh.connections)
+
+
+async def test_too_many_tunnels_and_repeated_requests(
+    agent: AgentRunner, hub: HubHarness, endpoint: TunnelEndpoint, servers: ThreadLoop, fresh: TcpCamera
+) -> None:
+    sessions = [await servers.call(endpoint.new_session(handler=sink_handler)) for _ in range(MAX_TUNNELS + 1)]
+    urls = [endpoint.url(f"/tunnel/{s.id}") for s in sessions]
+    opened = [await open_tunnel(hub, urls[i], sessions[i].token, fresh.port) for i in range(MAX_TUNNELS)]
+    assert [o[0] for o in opened] == [200] * MAX_TUNNELS
+
+    again, body, _ = await open_tunnel(hub, urls[0], sessions[0].token, fresh.port)
+    assert again == 200 and body == opened[0][1]
+    assert sessions[0].connections == 1
+
+    over, body, _ = await open_tunnel(hub, urls[-1], sessions[-1].token, fresh.port)
+    assert over == 503
+    assert body["message"] == "Too many open tunnels"
+    assert sessions[-1].connections == 0
+
+    close_camera_side(servers, fresh)
+    agent.wait_event("tunnel.closed", count=MAX_TUNNELS)
+    status, _, _ = await open_tunnel(hub, urls[-1], sessions[-1].token, fresh.port)
+    assert status == 200
+
+    close_camera_side(servers, fresh)
+    for session in sessions:
+        await servers.call(asyncio.wait_for(session.finished.wait(), 10))
+
+
+def close_camera_side(servers: ThreadLoop, camera: TcpCamera) -> None:
+    for connection in camera.connections:
+        servers.loop.call_soon_threadsafe(connection.writer.close)
+
+
+async def test_every_request_leaves_one_log_line_without_secrets(agent: AgentRunner, tmp_path: Path) -> None:
+    text = agent.output()
+    for secret in ("query-secret", "token-abc", "not-"):
+        assert secret not in text
+    failures = agent.events("tunnel.open_failed")
+    assert failures and all("tunnel" in e and "status" in e for e in failures)
