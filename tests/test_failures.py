@@ -53,6 +53,12 @@ def test_failures_map_to_status_and_message(exc: BaseException, status: int, mes
     assert message in error.message
 
 
+def test_socket_failures_through_a_proxy_are_about_the_proxy() -> None:
+    assert websocket_failure(ConnectionRefusedError(), TARGET, via_proxy=True).message == failures.MSG_PROXY_UNREACHABLE
+    assert websocket_failure(socket.gaierror(), TARGET, via_proxy=True).message == failures.MSG_PROXY_UNREACHABLE
+    assert websocket_failure(ssl.SSLCertVerificationError(), TARGET, via_proxy=True).message == failures.MSG_TLS_VERIFY
+
+
 def test_library_messages_are_not_passed_through() -> None:
     error = websocket_failure(OSError(5, "wss://relay.example.net/t?sig=secret"), TARGET)
     assert "secret" not in error.message

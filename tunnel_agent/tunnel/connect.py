@@ -99,7 +99,7 @@ async def connect_tunnel(
         except TunnelError:
             raise
         except Exception as exc:
-            raise websocket_failure(exc, endpoint.display) from None
+            raise websocket_failure(exc, endpoint.display, via_proxy=proxy is not None) from None
     except BaseException:
         tunnel.abort("open failed")
         raise

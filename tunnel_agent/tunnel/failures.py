@@ -35,8 +35,12 @@ _PROXY_STATUS = re.compile(r"status (\d{3})")
 _PROXY_AUTH_STATUSES = {401, 407}
 
 
-def websocket_failure(exc: BaseException, target: str) -> TunnelError:
-    """The error answer for ``exc`` raised while opening the WebSocket to ``target``."""
+def websocket_failure(exc: BaseException, target: str, *, via_proxy: bool = False) -> TunnelError:
+    """The error answer for ``exc`` raised while opening the WebSocket to ``target``.
+
+    Through a proxy the agent's own sockets only ever reach the proxy (which reports trouble
+    further on as a status or a SOCKS reply), so a socket-level failure means the proxy.
+    """
     if isinstance(exc, WSHandshakeError) and exc.response is not None:
         status = int(exc.response.status)
         if 300 <= status <= 599:
@@ -50,6 +54,8 @@ def websocket_failure(exc: BaseException, target: str) -> TunnelError:
         return TunnelError(BAD_GATEWAY, target, MSG_PROXY_UNREACHABLE)
     if isinstance(exc, ProxyError):
         return TunnelError(BAD_GATEWAY, target, _proxy_message(exc))
+    if via_proxy and _is_connect_failure(exc):
+        return TunnelError(BAD_GATEWAY, target, MSG_PROXY_UNREACHABLE)
     if isinstance(exc, ssl.SSLCertVerificationError):
         return TunnelError(BAD_GATEWAY, target, MSG_TLS_VERIFY)
     if isinstance(exc, ssl.SSLError):
@@ -65,6 +71,12 @@ def websocket_failure(exc: BaseException, target: str) -> TunnelError:
     if isinstance(exc, WSError):
         return TunnelError(BAD_GATEWAY, target, MSG_HANDSHAKE)
     return TunnelError(BAD_GATEWAY, target, MSG_OTHER)
+
+
+def _is_connect_failure(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and not isinstance(
+        exc, ssl.SSLError | ConnectionResetError | BrokenPipeError
+    )
 
 
 def _reason_phrase(status: int) -> str:
