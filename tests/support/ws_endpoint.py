@@ -14,8 +14,6 @@ import secrets
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
-
 from aiohttp import web
 
 from tunnel_agent.cloud.relay.bridge import ByteCounters, bridge
@@ -37,6 +35,8 @@ class Session:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     consumer: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
     server: asyncio.Server | None = None
+    request: web.Request | None = None
+    close_code: int | None = None
 
 
 class TunnelEndpoint:
@@ -118,6 +118,7 @@ class TunnelEndpoint:
         ws = web.WebSocketResponse(max_msg_size=0, autoping=True)
         await ws.prepare(request)
         session.connections += 1
+        session.request = request
         session.connected.set()
         try:
             if session.handler is not None:
@@ -128,6 +129,7 @@ class TunnelEndpoint:
                 reader, writer = await asyncio.wait_for(asyncio.shield(session.consumer), 120)
                 session.ended = await bridge(ws, reader, writer, session.counters)
         finally:
+            session.close_code = ws.close_code
             session.finished.set()
         return ws
 
@@ -151,12 +153,10 @@ async def sink_handler(ws: web.WebSocketResponse, session: Session) -> None:
             session.counters.to_consumer += len(message.data)
 
 
-def echo_handler_factory(extra: dict[str, Any] | None = None) -> SessionHandler:
-    async def echo(ws: web.WebSocketResponse, session: Session) -> None:
-        async for message in ws:
-            if isinstance(message.data, bytes):
-                session.counters.to_consumer += len(message.data)
-                await ws.send_bytes(message.data)
-                session.counters.to_device += len(message.data)
-
-    return echo
+async def echo_handler(ws: web.WebSocketResponse, session: Session) -> None:
+    """Send back what the device sends, until it closes."""
+    async for message in ws:
+        if isinstance(message.data, bytes):
+            session.counters.to_consumer += len(message.data)
+            await ws.send_bytes(message.data)
+            session.counters.to_device += len(message.data)

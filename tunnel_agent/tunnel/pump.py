@@ -6,9 +6,10 @@ the transports' own flow control: when one side's write buffer passes its high-w
 side stops reading until it drains, so at most one read's worth of data waits per direction.
 
 A tunnel holds no tasks, only one timer. Whatever ends it (either side closing, an error, a
-timeout, shutdown) goes through :meth:`Tunnel.close`, which closes both transports gracefully and
-aborts them if they are not gone within ``close_timeout``; :attr:`Tunnel.closed` resolves once both
-are gone.
+timeout, shutdown) goes through :meth:`Tunnel.close`: the camera socket is flushed and closed, the
+WebSocket gets a CLOSE frame after the data already queued and is disconnected when the peer
+answers it; anything still open after ``close_timeout`` is aborted. :attr:`Tunnel.closed` resolves
+once both are gone.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ class Tunnel:
         self._remote_gone = False
         self._camera_paused = True  # until start()
         self._remote_paused = False
+        self._remote_close_received = False
         self._timer: asyncio.TimerHandle | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
         self._last_proof_of_life = self.opened_at
@@ -149,7 +151,9 @@ class Tunnel:
         if ws is not None and not ws.is_disconnected:
             if not ws.is_close_frame_sent:
                 ws.send_close(code)
-            ws.disconnect(graceful=True)
+            if self._remote_close_received:
+                ws.disconnect(graceful=True)
+            # else the peer's CLOSE completes the handshake (remote_frame), or the abort timer fires
         elif ws is None:
             self._remote_gone = True
         camera = self.camera.transport
@@ -224,8 +228,12 @@ class Tunnel:
                 camera.write(payload)
                 self.bytes_to_camera += len(payload)
         elif msg_type == WSMsgType.CLOSE:
-            code = frame.get_close_code()
-            self.close(f"remote closed ({_close_code_number(code)})", WSCloseCode.OK)
+            self._remote_close_received = True
+            if self.close_reason is None:
+                code = _close_code_number(frame.get_close_code())
+                self.close(f"remote closed ({code})", WSCloseCode.OK)
+            elif self.ws is not None:
+                self.ws.disconnect(graceful=True)
 
     def remote_lost(self) -> None:
         self._remote_gone = True

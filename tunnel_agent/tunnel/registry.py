@@ -35,6 +35,9 @@ class TunnelRegistry:
     def open_tunnels(self) -> list[Tunnel]:
         return list(self._open.values())
 
+    def get(self, tunnel_id: str) -> Tunnel | None:
+        return self._open.get(tunnel_id)
+
     @property
     def accepting(self) -> bool:
         return self._accepting

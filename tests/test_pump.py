@@ -1,0 +1,226 @@
+"""The pump's rules, watched from inside: closing, errors, backpressure, keep-alive, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import AsyncIterator
+
+import pytest_asyncio
+from aiohttp import web
+
+from tests.support.inprocess import open_via, service_for
+from tests.support.tcp_camera import TcpCamera
+from tests.support.threadloop import ThreadLoop
+from tests.support.ws_endpoint import Session, TunnelEndpoint, sink_handler
+from tunnel_agent.cloud.devhub.certs import LocalCA
+from tunnel_agent.tunnel.pump import WRITE_BUFFER_HIGH_BYTES
+
+CLOSE_BOUND_S = 2.5
+
+
+@pytest_asyncio.fixture
+async def stub() -> AsyncIterator[TcpCamera]:
+    cam = TcpCamera()
+    await cam.start()
+    yield cam
+    await cam.stop()
+
+
+async def wait_for(predicate: object, timeout_s: float = 5.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not predicate():  # type: ignore[operator]
+            await asyncio.sleep(0.01)
+
+
+async def test_camera_eof_closes_the_websocket_with_1000_after_the_data(
+    ca: LocalCA, endpoint: TunnelEndpoint, servers: ThreadLoop, stub: TcpCamera
+) -> None:
+    service = service_for(ca, stub.port)
+    session = await servers.call(endpoint.new_session(handler=sink_handler))
+    tunnel = await open_via(service, endpoint, session, stub.port)
+    await wait_for(lambda: stub.connections)
+    payload = b"x" * 1_000_000
+
+    stub.connections[0].writer.write(payload)
+    stub.connections[0].writer.close()
+
+    await asyncio.wait_for(asyncio.shield(tunnel.closed), CLOSE_BOUND_S)
+    await servers.call(asyncio.wait_for(session.finished.wait(), CLOSE_BOUND_S))
+    assert session.close_code == 1000
+    assert session.counters.to_consumer == tunnel.bytes_to_remote == len(payload)
+    assert tunnel.close_reason == "camera closed"
+
+
+async def test_websocket_close_closes_the_camera_socket_after_the_data(
+    ca: LocalCA, endpoint: TunnelEndpoint, servers: ThreadLoop, stub: TcpCamera
+) -> None:
+    async def send_then_close(ws: web.WebSocketResponse, session: Session) -> None:
+        for _ in range(10):
+            await ws.send_bytes(b"y" * 100_000)
+        await ws.close(code=1000)
+
+    service = service_for(ca, stub.port)
+    session = await servers.call(endpoint.new_session(handler=send_then_close))
+    tunnel = await open_via(service, endpoint, session, stub.port)
+
+    await asyncio.wait_for(asyncio.shield(tunnel.closed), CLOSE_BOUND_S)
+    await asyncio.wait_for(stub.connections[0].closed.wait(), CLOSE_BOUND_S)
+    assert len(stub.connections[0].received) == 1_000_000
+    assert tunnel.close_reason == "remote closed (1000)"
+
+
+async def test_websocket_dropped_closes_the_camera_within_the_bound(
+    ca: LocalCA, endpoint: TunnelEndpoint, servers: ThreadLoop, stub: TcpCamera
+) -> None:
+    async def drop(ws: web.WebSocketResponse, session: Session) -> None:
+        assert session.request is not None and session.request.transport is not None
+        session.request.transport.abort()
+
+    service = service_for(ca, stub.port)
+    session = await servers.call(endpoint.new_session(handler=drop))
+    tunnel = await open_via(service, endpoint, session, stub.port)
+
+    await asyncio.wait_for(asyncio.shield(tunnel.closed), CLOSE_BOUND_S)
+    await asyncio.wait_for(stub.connections[0].closed.wait(), CLOSE_BOUND_S)
+    assert tunnel.close_reason == "remote connection lost"
+
+
+async def test_camera_reset_closes_the_websocket_within_the_bound(
+    ca: LocalCA, endpoint: TunnelEndpoint, servers: ThreadLoop, stub: TcpCamera
+) -> None:
+    service = service_for(ca, stub.port)
+    session = await servers.call(endpoint.new_session(handler=sink_handler))
+    tunnel = await open_via(service, endpoint, session, stub.port)
+    await wait_for(lambda: stub.connections)
+    sock = stub.connections[0].writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    stub.connections[0].writer.transport.abort()  # RST
+
+    await asyncio.wait_for(asyncio.shield(tunnel.closed), CLOSE_BOUND_S)
+    await servers.call(asyncio.wait_for(session.finished.wait(), CLOSE_BOUND_S))
+    assert tunnel.close_reason is not None and tunnel.close_reason.startswith("camera")
+
+
+async def test_backpressure_bounds_what_waits_in_the_agent(
+    ca: LocalCA, endpoint: TunnelEndpoint, servers: ThreadLoop, stub: TcpCamera
+) -> None:
+    gate = asyncio.Event()  # set from the test loop, waited on the server loop
+    server_loop = servers.loop
+
+    async def slow_reader(ws: web.WebSocketResponse, session: Session) -> None:
+        while not gate.is_set():
+            await asyncio.sleep(0.02)
+        await sink_handler(ws, session)
+
+    service = service_for(ca, stub.port)
+    session = await servers.call(endpoint.new_session(handler=slow_reader))
+    tunnel = await open_via(service, endpoint, session, stub.port)
+    await wait_for(lambda: stub.connections)
+    writer = stub.connections[0].writer
+    total = 64 * 1024 * 1024
+    chunk = b"z" * (1024 * 1024)
+
+    async def push() -> None:
+        for _ in range(total // len(chunk)):
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+
+    pusher = asyncio.create_task(push())
+    await asyncio.sleep(1.0)  # the far end reads nothing meanwhile
+    assert tunnel.ws is not None
+    buffered = tunnel.ws.underlying_transport.get_write_buffer_size()
+    assert buffered <= WRITE_BUFFER_HIGH_BYTES + 512 * 1024
+    assert tunnel.bytes_to_remote < total // 4  # the camera was stopped, not drained into memory
+    assert not pusher.done()
+
+    server_loop.call_soon_threadsafe(gate.set)
+    await asyncio.wait_for(pusher, 30)
+    await asyncio.wait_for(asyncio.shield(tunnel.closed), 30)
+    await servers.call(asyncio.wait_for(session.finished.wait(), 10))
+    assert session.counters.to_consumer == total
+
+
+async def test_keepalive_closes_a_dead_link(
+    ca: LocalCA, endpoint: TunnelEndpoint, servers: ThreadLoop, stub: TcpCamera
+) -> None:
+    async def play_dead(ws: web.WebSocketResponse, session: Session) -> None:
+        assert session.request is not None and session.request.transport is not None
+        session.request.transport.pause_reading()
+        await asyncio.sleep(5)
+
+    service = service_for(ca, stub.port, ping_interval=1, ping_timeout=1)
+    session = await servers.call(endpoint.new_session(handler=play_dead))
+    tunnel = await open_via(service, endpoint, session, stub.port)
+
+    await asyncio.wait_for(asyncio.shield(tunnel.closed), 4)
+    assert tunnel.close_reason == "keepalive timeout"
+    await asyncio.wait_for(stub.connections[0].closed.wait(), CLOSE_BOUND_S)
+
+
+async def test_keepalive_spares_an_idle_link_that_answers_pings(
+    ca: LocalCA, endpoint: TunnelEndpoint, servers: ThreadLoop, stub: TcpCamera
+) -> None:
+    service = service_for(ca, stub.port, ping_interval=1, ping_timeout=1.5)
+    session = await servers.call(endpoint.new_session(handler=sink_handler))
+    tunnel = await open_via(service, endpoint, session, stub.port)
+
+    await asyncio.sleep(4)
+
+    assert tunnel.close_reason is None
+    tunnel.close("test over")
+    await asyncio.wait_for(asyncio.shield(tunnel.closed), CLOSE_BOUND_S)
+
+
+async def test_keepalive_spares_a_busy_link_whose_pongs_wait_behind_data(
+    ca: LocalCA, endpoint: TunnelEndpoint, servers: ThreadLoop, stub: TcpCamera
+) -> None:
+    async def slow_sink(ws: web.WebSocketResponse, session: Session) -> None:
+        async for message in ws:  # pings are only answered when the reader gets to them
+            if isinstance(message.data, bytes):
+                session.counters.to_consumer += len(message.data)
+                await asyncio.sleep(0.05)
+
+    service = service_for(ca, stub.port, ping_interval=1, ping_timeout=1)
+    session = await servers.call(endpoint.new_session(handler=slow_sink))
+    tunnel = await open_via(service, endpoint, session, stub.port)
+    await wait_for(lambda: stub.connections)
+    writer = stub.connections[0].writer
+
+    async def push() -> None:
+        while True:
+            writer.write(b"b" * 65536)
+            await writer.drain()
+
+    pusher = asyncio.create_task(push())
+    try:
+        await asyncio.sleep(5)
+        assert tunnel.close_reason is None
+        assert session.counters.to_consumer > 1_000_000
+    finally:
+        pusher.cancel()
+        tunnel.close("test over")
+        await asyncio.wait_for(asyncio.shield(tunnel.closed), CLOSE_BOUND_S)
+
+
+async def test_idle_timeout_and_max_lifetime(
+    ca: LocalCA, endpoint: TunnelEndpoint, servers: ThreadLoop, stub: TcpCamera
+) -> None:
+    idle_service = service_for(ca, stub.port, idle_timeout=0.5)
+    idle_session = await servers.call(endpoint.new_session(handler=sink_handler))
+    idle = await open_via(idle_service, endpoint, idle_session, stub.port)
+    await asyncio.wait_for(asyncio.shield(idle.closed), 2)
+    assert idle.close_reason == "idle timeout"
+
+    life_service = service_for(ca, stub.port, max_lifetime=1.0)
+    life_session = await servers.call(endpoint.new_session(handler=sink_handler))
+    life = await open_via(life_service, endpoint, life_session, stub.port)
+    await asyncio.sleep(0.5)
+    assert life.close_reason is None
+    await asyncio.wait_for(asyncio.shield(life.closed), 2)
+    assert life.close_reason == "max lifetime reached"
+    await servers.call(asyncio.wait_for(life_session.finished.wait(), CLOSE_BOUND_S))
+    assert life_session.close_code == 1001
