@@ -26,7 +26,11 @@ REQUIRED_TOOLS = ("mosquitto", "ffprobe", "tinyproxy", "microsocks", "socat")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists()]
+    missing = [
+        tool
+        for tool in REQUIRED_TOOLS
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists()
+    ]
     if not Path(SYSTEM_PYTHON).exists():
         missing.append(SYSTEM_PYTHON)
     if missing:

@@ -63,13 +63,20 @@ model = "C-100"
     assert settings.tunnel.allowed_remote_hosts == ["*.example.net"]
     assert settings.cameras[0].ports == [554]
     proxy = settings.proxy.address
-    assert proxy is not None and (proxy.host, proxy.port, proxy.username, proxy.password) == ("proxy", 3128, "user", "pass")
+    assert proxy is not None and (proxy.host, proxy.port, proxy.username, proxy.password) == (
+        "proxy",
+        3128,
+        "user",
+        "pass",
+    )
     assert "camera-secret" not in repr(settings) and KEY not in repr(settings)
     assert "pass@" not in repr(settings)
 
 
 def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = write(tmp_path, {"hub": {"connection_string": CONNECTION_STRING}, "tunnel": {"max_tunnels": 4}})
+    path = write(
+        tmp_path, {"hub": {"connection_string": CONNECTION_STRING}, "tunnel": {"max_tunnels": 4}}
+    )
     other = CONNECTION_STRING.replace("gw1", "gw2")
     monkeypatch.setenv("TUNNEL_AGENT_TUNNEL__MAX_TUNNELS", "9")
     monkeypatch.setenv("TUNNEL_AGENT_HUB__CONNECTION_STRING", other)
@@ -96,7 +103,9 @@ def test_errors_name_each_wrong_field_and_never_show_secrets(tmp_path: Path) -> 
     found = problems(path)
     text = "\n".join(found)
 
-    assert any(p.startswith("hub.connection_string: invalid device connection string") for p in found)
+    assert any(
+        p.startswith("hub.connection_string: invalid device connection string") for p in found
+    )
     assert any(p.startswith("proxy.url: invalid proxy URL: scheme") for p in found)
     assert any(p.startswith("tunnel.max_tunnels:") for p in found)
     assert any(p.startswith("tunnel.conect_timeout: Extra inputs") for p in found)
@@ -108,8 +117,14 @@ def test_errors_name_each_wrong_field_and_never_show_secrets(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("cameras", "expected"),
     [
-        ([{"name": "a", "ports": [554]}, {"name": "b", "ports": [554]}], "cameras.1.ports: port 554 is already listed by camera 'a'"),
-        ([{"name": "a", "ports": [554, 554]}], "cameras.0.ports (camera 'a'): port 554 is listed twice"),
+        (
+            [{"name": "a", "ports": [554]}, {"name": "b", "ports": [554]}],
+            "cameras.1.ports: port 554 is already listed by camera 'a'",
+        ),
+        (
+            [{"name": "a", "ports": [554, 554]}],
+            "cameras.0.ports (camera 'a'): port 554 is listed twice",
+        ),
         ([{"name": "a"}, {"name": "a"}], "cameras.1.name: camera name 'a' is used twice"),
         ([{"name": "bad name"}], "cameras.0.name (camera 'bad name'): use 1-63 letters"),
         ([{"name": "a", "host": "x/y"}], "cameras.0.host (camera 'a'): must be a host name"),
@@ -128,7 +143,10 @@ def test_camera_rules(tmp_path: Path, cameras: list[dict[str, object]], expected
         ({"connection_string": "HostName=h;DeviceId=d"}, "missing SharedAccessKey"),
         ({"id_scope": "0ne00", "registration_id": "gw1"}, "either symmetric_key or cert_file"),
         ({"id_scope": "0ne00", "symmetric_key": KEY}, "registration_id"),
-        ({"hostname": "hub.example.net", "device_id": "gw1"}, "needs device_id, cert_file and key_file"),
+        (
+            {"hostname": "hub.example.net", "device_id": "gw1"},
+            "needs device_id, cert_file and key_file",
+        ),
     ],
 )
 def test_hub_authentication_rules(tmp_path: Path, hub: dict[str, object], expected: str) -> None:
@@ -141,5 +159,7 @@ def test_missing_or_broken_files_are_reported(tmp_path: Path) -> None:
     broken = tmp_path / "broken.toml"
     broken.write_text("[hub\n")
     assert problems(broken)[0].startswith(f"config file {broken}:")
-    missing_ca = write(tmp_path, {"hub": {"connection_string": CONNECTION_STRING, "ca_file": "missing.pem"}})
+    missing_ca = write(
+        tmp_path, {"hub": {"connection_string": CONNECTION_STRING, "ca_file": "missing.pem"}}
+    )
     assert any(p.startswith("hub.ca_file:") for p in problems(missing_ca))

@@ -1,10 +1,10 @@
-"""Mapping of WebSocket opening failures to answers (pure); real conditions are in test_tunnel_errors."""
+"""Mapping of WebSocket opening failures to answers (pure); real conditions: test_tunnel_errors."""
 
 from __future__ import annotations
 
 import socket
-from http import HTTPStatus
 import ssl
+from http import HTTPStatus
 
 import pytest
 from picows import WSInvalidStatusError, WSUpgradeResponse
@@ -32,9 +32,21 @@ def rejected(status: int) -> WSInvalidStatusError:
         (TimeoutError(), 504, failures.MSG_TIMEOUT),
         (ProxyTimeoutError("t"), 504, failures.MSG_PROXY_TIMEOUT),
         (ProxyConnectionError(111, "refused"), 502, failures.MSG_PROXY_UNREACHABLE),
-        (ProxyError("HTTP proxy rejected connection with status 407"), 502, "Proxy authentication failed (HTTP 407)"),
-        (ProxyError("HTTP proxy rejected connection with status 403"), 502, "Proxy refused the connection (HTTP 403)"),
-        (ProxyError("Username and password authentication failure"), 502, "Proxy authentication failed (SOCKS)"),
+        (
+            ProxyError("HTTP proxy rejected connection with status 407"),
+            502,
+            "Proxy authentication failed (HTTP 407)",
+        ),
+        (
+            ProxyError("HTTP proxy rejected connection with status 403"),
+            502,
+            "Proxy refused the connection (HTTP 403)",
+        ),
+        (
+            ProxyError("Username and password authentication failure"),
+            502,
+            "Proxy authentication failed (SOCKS)",
+        ),
         (ProxyError("Connection refused by destination host", error_code=5), 502, "SOCKS reply 5"),
         (ssl.SSLCertVerificationError("bad cert"), 502, failures.MSG_TLS_VERIFY),
         (ssl.SSLError("handshake"), 502, failures.MSG_TLS),
@@ -54,9 +66,18 @@ def test_failures_map_to_status_and_message(exc: BaseException, status: int, mes
 
 
 def test_socket_failures_through_a_proxy_are_about_the_proxy() -> None:
-    assert websocket_failure(ConnectionRefusedError(), TARGET, via_proxy=True).message == failures.MSG_PROXY_UNREACHABLE
-    assert websocket_failure(socket.gaierror(), TARGET, via_proxy=True).message == failures.MSG_PROXY_UNREACHABLE
-    assert websocket_failure(ssl.SSLCertVerificationError(), TARGET, via_proxy=True).message == failures.MSG_TLS_VERIFY
+    assert (
+        websocket_failure(ConnectionRefusedError(), TARGET, via_proxy=True).message
+        == failures.MSG_PROXY_UNREACHABLE
+    )
+    assert (
+        websocket_failure(socket.gaierror(), TARGET, via_proxy=True).message
+        == failures.MSG_PROXY_UNREACHABLE
+    )
+    assert (
+        websocket_failure(ssl.SSLCertVerificationError(), TARGET, via_proxy=True).message
+        == failures.MSG_TLS_VERIFY
+    )
 
 
 def test_library_messages_are_not_passed_through() -> None:

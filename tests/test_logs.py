@@ -50,7 +50,10 @@ def test_text_lines_carry_bound_fields_and_quote_spaces(captured: io.StringIO) -
 
     line = captured.getvalue()
     assert line.count("\n") == 1
-    assert ' INFO tunnel_agent.test tunnel.closed tunnel=abc123 reason="camera closed" bytes_to_remote=10 duration_s=1.235' in line
+    assert (
+        " INFO tunnel_agent.test tunnel.closed tunnel=abc123"
+        ' reason="camera closed" bytes_to_remote=10 duration_s=1.235' in line
+    )
 
 
 def test_json_lines_are_objects(captured: io.StringIO) -> None:
@@ -67,7 +70,9 @@ def test_json_lines_are_objects(captured: io.StringIO) -> None:
 def test_third_party_records_are_scrubbed_and_kept_on_one_line(captured: io.StringIO) -> None:
     SECRETS.add("camera-password-9")
     try:
-        logging.getLogger("tunnel_agent.other").warning("failed\nrtsp://admin:camera-password-9@cam/x")
+        logging.getLogger("tunnel_agent.other").warning(
+            "failed\nrtsp://admin:camera-password-9@cam/x"
+        )
     finally:
         SECRETS.discard("camera-password-9")
     line = captured.getvalue()

@@ -1,4 +1,4 @@
-"""Tunnels and the hub link through real proxies: tinyproxy (HTTP CONNECT) and microsocks (SOCKS5)."""
+"""Tunnels and the hub link through real proxies: tinyproxy (HTTP CONNECT), microsocks (SOCKS5)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ from tests.test_tunnel_video import ffprobe
 
 PROXY_USER = "gateway"
 PROXY_PASSWORD = "Pr0xy-Pa55"
-NO_ENV_PROXY = {name: "" for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy")}
+NO_ENV_PROXY = {
+    name: ""
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy")
+}
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +38,13 @@ def microsocks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Microsocks]
     proxy.stop()
 
 
-async def stream_through(hub: HubHarness, camera: RtspCamera, endpoint: TunnelEndpoint, servers: ThreadLoop) -> int:
+async def stream_through(
+    hub: HubHarness, camera: RtspCamera, endpoint: TunnelEndpoint, servers: ThreadLoop
+) -> int:
     session = await servers.call(endpoint.new_session())
-    status, body = await hub.tunnel_open(endpoint.url(f"/tunnel/{session.id}"), session.token, camera.port)
+    status, body = await hub.tunnel_open(
+        endpoint.url(f"/tunnel/{session.id}"), session.token, camera.port
+    )
     assert status == 200, body
     info = await ffprobe(f"rtsp://127.0.0.1:{session.consumer_port}/test")
     assert info["streams"][0]["codec_name"] == "h264"  # type: ignore[index]
@@ -53,7 +60,9 @@ async def test_hub_and_tunnel_through_tinyproxy(
     tinyproxy: Tinyproxy,
 ) -> None:
     before = tinyproxy.process.output().count(f"CONNECT 127.0.0.1:{endpoint.ports['wss']}")
-    agent = agent_factory([camera_entry(camera)], extra={"proxy": {"url": tinyproxy.url()}}, env=NO_ENV_PROXY)
+    agent = agent_factory(
+        [camera_entry(camera)], extra={"proxy": {"url": tinyproxy.url()}}, env=NO_ENV_PROXY
+    )
     log = tinyproxy.process.output()
     assert f"CONNECT {hub.host}:8883" in log  # the hub link went through the proxy
 
@@ -72,7 +81,9 @@ async def test_hub_and_tunnel_through_microsocks(
     servers: ThreadLoop,
     microsocks: Microsocks,
 ) -> None:
-    agent = agent_factory([camera_entry(camera)], extra={"proxy": {"url": microsocks.url()}}, env=NO_ENV_PROXY)
+    agent = agent_factory(
+        [camera_entry(camera)], extra={"proxy": {"url": microsocks.url()}}, env=NO_ENV_PROXY
+    )
     assert await stream_through(hub, camera, endpoint, servers) > 2_000
     log = microsocks.process.output()
     assert f"connected to {hub.host}:8883" in log
@@ -92,7 +103,9 @@ async def test_wrong_proxy_credentials_give_a_clear_answer(
     kind: str,
 ) -> None:
     wrong = "wrong-Pa55"
-    proxy = tinyproxy.url(password=wrong) if kind == "http" else microsocks.url(kind, password=wrong)
+    proxy = (
+        tinyproxy.url(password=wrong) if kind == "http" else microsocks.url(kind, password=wrong)
+    )
     # Through the environment the proxy applies to tunnels only, so the hub link stays up.
     agent = agent_factory([camera_entry(camera)], env={**NO_ENV_PROXY, "HTTPS_PROXY": proxy})
     session = await servers.call(endpoint.new_session())
@@ -115,17 +128,29 @@ async def test_no_proxy_exempts_the_endpoint(
     servers: ThreadLoop,
     tinyproxy: Tinyproxy,
 ) -> None:
-    env = {**NO_ENV_PROXY, "HTTPS_PROXY": tinyproxy.url(password="wrong"), "NO_PROXY": "localhost,127.0.0.0/8"}
+    env = {
+        **NO_ENV_PROXY,
+        "HTTPS_PROXY": tinyproxy.url(password="wrong"),
+        "NO_PROXY": "localhost,127.0.0.0/8",
+    }
     agent_factory([camera_entry(camera)], env=env)
     assert await stream_through(hub, camera, endpoint, servers) > 2_000
 
 
 async def test_proxy_down_is_a_502(
-    agent_factory: AgentFactory, hub: HubHarness, camera: RtspCamera, endpoint: TunnelEndpoint, servers: ThreadLoop, tmp_path: Path
+    agent_factory: AgentFactory,
+    hub: HubHarness,
+    camera: RtspCamera,
+    endpoint: TunnelEndpoint,
+    servers: ThreadLoop,
+    tmp_path: Path,
 ) -> None:
     from tests.support.net import free_port
 
-    agent_factory([camera_entry(camera)], env={**NO_ENV_PROXY, "HTTPS_PROXY": f"http://127.0.0.1:{free_port()}"})
+    agent_factory(
+        [camera_entry(camera)],
+        env={**NO_ENV_PROXY, "HTTPS_PROXY": f"http://127.0.0.1:{free_port()}"},
+    )
     session = await servers.call(endpoint.new_session())
     status, body = await asyncio.wait_for(
         hub.tunnel_open(endpoint.url(f"/tunnel/{session.id}"), session.token, camera.port), 30

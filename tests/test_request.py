@@ -81,7 +81,11 @@ def test_a_valid_request_is_parsed() -> None:
         (with_(remoteAuthorizationToken="a\r\nInjected: 1"), "remoteAuthorizationToken", "control"),
         (with_(remoteAuthorizationToken="tok\x00en"), "remoteAuthorizationToken", "control"),
         (with_(remoteAuthorizationToken="t\u00f6ken"), "remoteAuthorizationToken", "ASCII"),
-        (with_(remoteAuthorizationToken="x" * (MAX_TOKEN_BYTES + 1)), "remoteAuthorizationToken", "longer"),
+        (
+            with_(remoteAuthorizationToken="x" * (MAX_TOKEN_BYTES + 1)),
+            "remoteAuthorizationToken",
+            "longer",
+        ),
         (with_(localPort=...), "localPort", "required"),
         (with_(localPort="554"), "localPort", "integer"),
         (with_(localPort=554.0), "localPort", "integer"),
@@ -91,7 +95,9 @@ def test_a_valid_request_is_parsed() -> None:
         (with_(localPort=-1), "localPort", "between"),
     ],
 )
-def test_invalid_fields_are_refused_with_their_name(payload: object, target: str, fragment: str) -> None:
+def test_invalid_fields_are_refused_with_their_name(
+    payload: object, target: str, fragment: str
+) -> None:
     error = refused(payload)
 
     assert error.target == target
@@ -105,7 +111,9 @@ def test_the_largest_token_allowed_is_accepted() -> None:
 
 
 def test_ws_is_accepted_only_when_the_device_allows_it() -> None:
-    request = parse_tunnel_request(with_(remoteEndpoint="ws://127.0.0.1:8080/t"), EndpointPolicy(allow_insecure_ws=True))
+    request = parse_tunnel_request(
+        with_(remoteEndpoint="ws://127.0.0.1:8080/t"), EndpointPolicy(allow_insecure_ws=True)
+    )
     assert not request.endpoint.secure
     assert request.endpoint.port == 8080
 
@@ -151,15 +159,27 @@ def test_unknown_local_port_names_localhost() -> None:
     assert resolve_target(targets, 554).host == "10.0.0.5"
     with pytest.raises(TunnelError) as caught:
         resolve_target(targets, 8554)
-    assert caught.value.body() == {"code": "400", "target": "localhost:8554", "message": "Local port is not available"}
+    assert caught.value.body() == {
+        "code": "400",
+        "target": "localhost:8554",
+        "message": "Local port is not available",
+    }
 
 
 # -- property test --------------------------------------------------------------------------------
 
-json_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=40)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=40)
+)
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
     max_leaves=10,
 )
 endpoint_like = st.builds(

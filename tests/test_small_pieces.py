@@ -30,21 +30,35 @@ def test_dtdl_model_matches_the_code() -> None:
     (command,) = [c for c in model["contents"] if c["@type"] == "Command"]
     assert command["name"] == contract.TUNNEL_OPEN_METHOD
     fields = {f["name"]: f["schema"] for f in command["request"]["schema"]["fields"]}
-    assert fields == {"remoteEndpoint": "string", "remoteAuthorizationToken": "string", "localPort": "integer"}
+    assert fields == {
+        "remoteEndpoint": "string",
+        "remoteAuthorizationToken": "string",
+        "localPort": "integer",
+    }
     assert tuple(fields) == contract.REQUEST_FIELDS
 
 
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("http://u:p%40ss@proxy:3128", ("http", "proxy", 3128, "u", "p@ss", "http://u:***@proxy:3128")),
+        (
+            "http://u:p%40ss@proxy:3128",
+            ("http", "proxy", 3128, "u", "p@ss", "http://u:***@proxy:3128"),
+        ),
         ("socks5h://proxy", ("socks5h", "proxy", 1080, None, None, "socks5h://proxy:1080")),
         ("socks5://[::1]:9050", ("socks5", "::1", 9050, None, None, "socks5://[::1]:9050")),
     ],
 )
 def test_proxy_urls_parse(url: str, expected: tuple[object, ...]) -> None:
     proxy = parse_proxy_url(url)
-    assert (proxy.scheme, proxy.host, proxy.port, proxy.username, proxy.password, proxy.display) == expected
+    assert (
+        proxy.scheme,
+        proxy.host,
+        proxy.port,
+        proxy.username,
+        proxy.password,
+        proxy.display,
+    ) == expected
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,11 @@ def closed_port() -> int:
 
 @pytest.fixture(scope="module")
 def agent(
-    tmp_path_factory: pytest.TempPathFactory, hub: HubHarness, ca: LocalCA, tcp_camera: TcpCamera, closed_port: int
+    tmp_path_factory: pytest.TempPathFactory,
+    hub: HubHarness,
+    ca: LocalCA,
+    tcp_camera: TcpCamera,
+    closed_port: int,
 ) -> Iterator[AgentRunner]:
     runner = AgentRunner(
         tmp_path_factory.mktemp("errors-agent"),
@@ -71,7 +75,9 @@ async def fresh(tcp_camera: TcpCamera, servers: ThreadLoop) -> AsyncIterator[Tcp
     assert await servers.call(tcp_camera.all_closed(5.0)), "a camera socket was left open"
 
 
-async def open_tunnel(hub: HubHarness, endpoint: str, token: str, port: int) -> tuple[int, dict[str, Any], float]:
+async def open_tunnel(
+    hub: HubHarness, endpoint: str, token: str, port: int
+) -> tuple[int, dict[str, Any], float]:
     started = time.monotonic()
     status, body = await hub.tunnel_open(endpoint, token, port)
     return status, body, time.monotonic() - started
@@ -82,27 +88,48 @@ def assert_error(body: dict[str, Any], code: str, target: str, message: str) -> 
     assert message in body["message"], body
 
 
-async def test_port_not_configured(agent: AgentRunner, hub: HubHarness, endpoint: TunnelEndpoint) -> None:
+async def test_port_not_configured(
+    agent: AgentRunner, hub: HubHarness, endpoint: TunnelEndpoint
+) -> None:
     status, body, _ = await open_tunnel(hub, endpoint.url("/status/500"), "t", 9)
     assert status == 400
-    assert body == {"code": "400", "target": "localhost:9", "message": "Local port is not available"}
+    assert body == {
+        "code": "400",
+        "target": "localhost:9",
+        "message": "Local port is not available",
+    }
 
 
-async def test_camera_port_closed(agent: AgentRunner, hub: HubHarness, endpoint: TunnelEndpoint, closed_port: int) -> None:
+async def test_camera_port_closed(
+    agent: AgentRunner, hub: HubHarness, endpoint: TunnelEndpoint, closed_port: int
+) -> None:
     status, body, _ = await open_tunnel(hub, endpoint.url("/status/500"), "t", closed_port)
     assert status == 400
-    assert body == {"code": "400", "target": f"127.0.0.1:{closed_port}", "message": "Could not connect to RTSP endpoint"}
+    assert body == {
+        "code": "400",
+        "target": f"127.0.0.1:{closed_port}",
+        "message": "Could not connect to RTSP endpoint",
+    }
 
 
-@pytest.mark.parametrize(("path", "status", "message"), [
-    ("/tunnel/no-such-session", 404, "Not Found"),
-    ("/status/401", 401, "Unauthorized"),
-    ("/status/403", 403, "Forbidden"),
-    ("/status/500", 500, "Internal Server Error"),
-    ("/status/503", 503, "Service Unavailable"),
-])
+@pytest.mark.parametrize(
+    ("path", "status", "message"),
+    [
+        ("/tunnel/no-such-session", 404, "Not Found"),
+        ("/status/401", 401, "Unauthorized"),
+        ("/status/403", 403, "Forbidden"),
+        ("/status/500", 500, "Internal Server Error"),
+        ("/status/503", 503, "Service Unavailable"),
+    ],
+)
 async def test_http_rejections_keep_their_status(
-    agent: AgentRunner, hub: HubHarness, endpoint: TunnelEndpoint, fresh: TcpCamera, path: str, status: int, message: str
+    agent: AgentRunner,
+    hub: HubHarness,
+    endpoint: TunnelEndpoint,
+    fresh: TcpCamera,
+    path: str,
+    status: int,
+    message: str,
 ) -> None:
     url = endpoint.url(path)
     answer, body, _ = await open_tunnel(hub, url + "?sig=query-secret", "token-abc", fresh.port)
@@ -112,7 +139,11 @@ async def test_http_rejections_keep_their_status(
 
 
 async def test_wrong_token_is_a_401_from_the_endpoint(
-    agent: AgentRunner, hub: HubHarness, endpoint: TunnelEndpoint, servers: ThreadLoop, fresh: TcpCamera
+    agent: AgentRunner,
+    hub: HubHarness,
+    endpoint: TunnelEndpoint,
+    servers: ThreadLoop,
+    fresh: TcpCamera,
 ) -> None:
     session = await servers.call(endpoint.new_session())
     url = endpoint.url(f"/tunnel/{session.id}")
@@ -122,7 +153,9 @@ async def test_wrong_token_is_a_401_from_the_endpoint(
     assert_error(body, "401", url, "Unauthorized")
 
 
-async def test_untrusted_certificate(agent: AgentRunner, hub: HubHarness, endpoint: TunnelEndpoint, fresh: TcpCamera) -> None:
+async def test_untrusted_certificate(
+    agent: AgentRunner, hub: HubHarness, endpoint: TunnelEndpoint, fresh: TcpCamera
+) -> None:
     url = endpoint.url("/status/200", listener="wss_untrusted")
     status, body, _ = await open_tunnel(hub, url, "t", fresh.port)
 
@@ -142,10 +175,13 @@ async def test_plain_server_behind_wss_is_a_tls_failure(
 
 async def test_unknown_host(agent: AgentRunner, hub: HubHarness, fresh: TcpCamera) -> None:
     url = "wss://no-such-relay.invalid/t"
-    status, body, took = await open_tunnel(hub, url, "t", fresh.port)
+    status, body, _ = await open_tunnel(hub, url, "t", fresh.port)
 
     assert (status, body["target"]) in ((502, url), (504, url))
-    assert body["message"] in ("Could not resolve the remote endpoint host", "Timed out opening the WebSocket")
+    assert body["message"] in (
+        "Could not resolve the remote endpoint host",
+        "Timed out opening the WebSocket",
+    )
 
 
 async def test_connection_refused(agent: AgentRunner, hub: HubHarness, fresh: TcpCamera) -> None:
@@ -167,7 +203,9 @@ async def test_handshake_that_never_completes_times_out(
     assert HANDSHAKE_TIMEOUT_S <= took < HANDSHAKE_TIMEOUT_S + 3
 
 
-async def test_ws_scheme_is_refused_unless_allowed(agent: AgentRunner, hub: HubHarness, endpoint: TunnelEndpoint, fresh: TcpCamera) -> None:
+async def test_ws_scheme_is_refused_unless_allowed(
+    agent: AgentRunner, hub: HubHarness, endpoint: TunnelEndpoint, fresh: TcpCamera
+) -> None:
     status, body, _ = await open_tunnel(hub, endpoint.url("/status/200", "ws"), "t", fresh.port)
     assert status == 400
     assert body["target"] == "remoteEndpoint"
@@ -175,11 +213,20 @@ async def test_ws_scheme_is_refused_unless_allowed(agent: AgentRunner, hub: HubH
 
 
 async def test_too_many_tunnels_and_repeated_requests(
-    agent: AgentRunner, hub: HubHarness, endpoint: TunnelEndpoint, servers: ThreadLoop, fresh: TcpCamera
+    agent: AgentRunner,
+    hub: HubHarness,
+    endpoint: TunnelEndpoint,
+    servers: ThreadLoop,
+    fresh: TcpCamera,
 ) -> None:
-    sessions = [await servers.call(endpoint.new_session(handler=sink_handler)) for _ in range(MAX_TUNNELS + 1)]
+    sessions = [
+        await servers.call(endpoint.new_session(handler=sink_handler))
+        for _ in range(MAX_TUNNELS + 1)
+    ]
     urls = [endpoint.url(f"/tunnel/{s.id}") for s in sessions]
-    opened = [await open_tunnel(hub, urls[i], sessions[i].token, fresh.port) for i in range(MAX_TUNNELS)]
+    opened = [
+        await open_tunnel(hub, urls[i], sessions[i].token, fresh.port) for i in range(MAX_TUNNELS)
+    ]
     assert [o[0] for o in opened] == [200] * MAX_TUNNELS
 
     again, body, _ = await open_tunnel(hub, urls[0], sessions[0].token, fresh.port)
@@ -206,7 +253,9 @@ def close_camera_side(servers: ThreadLoop, camera: TcpCamera) -> None:
         servers.loop.call_soon_threadsafe(connection.writer.close)
 
 
-async def test_every_request_leaves_one_log_line_without_secrets(agent: AgentRunner, tmp_path: Path) -> None:
+async def test_every_request_leaves_one_log_line_without_secrets(
+    agent: AgentRunner, tmp_path: Path
+) -> None:
     text = agent.output()
     for secret in ("query-secret", "token-abc", "not-"):
         assert secret not in text

@@ -19,7 +19,15 @@ USER_AGENT = re.compile(r"^tunnel-agent/\d+\.\d+\.\d+\S* \(Linux [^;]+; [^)]+\)(
 
 async def ffprobe(url: str, timeout_s: float = 30.0) -> dict[str, object]:
     process = await asyncio.create_subprocess_exec(
-        "ffprobe", "-v", "error", "-rtsp_transport", "tcp", "-show_streams", "-of", "json", url,
+        "ffprobe",
+        "-v",
+        "error",
+        "-rtsp_transport",
+        "tcp",
+        "-show_streams",
+        "-of",
+        "json",
+        url,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -31,7 +39,9 @@ async def ffprobe(url: str, timeout_s: float = 30.0) -> dict[str, object]:
 def decode_frames(url: str, count: int) -> list[tuple[int, int]]:
     """Decode ``count`` frames with PyAV over RTSP/TCP and return their sizes."""
     sizes = []
-    with av.open(url, options={"rtsp_transport": "tcp", "timeout": "10000000"}, timeout=(10, 10)) as container:
+    with av.open(
+        url, options={"rtsp_transport": "tcp", "timeout": "10000000"}, timeout=(10, 10)
+    ) as container:
         for frame in container.decode(video=0):
             sizes.append((frame.width, frame.height))
             if len(sizes) >= count:
@@ -40,12 +50,18 @@ def decode_frames(url: str, count: int) -> list[tuple[int, int]]:
 
 
 async def test_ffprobe_sees_h264_through_the_tunnel(
-    agent_factory: AgentFactory, hub: HubHarness, camera: RtspCamera, endpoint: TunnelEndpoint, servers: ThreadLoop
+    agent_factory: AgentFactory,
+    hub: HubHarness,
+    camera: RtspCamera,
+    endpoint: TunnelEndpoint,
+    servers: ThreadLoop,
 ) -> None:
     agent = agent_factory([camera_entry(camera, make="Contoso", model="C-100")])
     session = await servers.call(endpoint.new_session())
 
-    status, body = await hub.tunnel_open(endpoint.url(f"/tunnel/{session.id}"), session.token, camera.port)
+    status, body = await hub.tunnel_open(
+        endpoint.url(f"/tunnel/{session.id}"), session.token, camera.port
+    )
 
     assert status == 200, body
     assert re.fullmatch(r"[0-9a-f]{12}", body["tunnelId"])
@@ -69,12 +85,18 @@ async def test_ffprobe_sees_h264_through_the_tunnel(
 
 
 async def test_pyav_decodes_frames_from_a_camera_with_basic_auth(
-    agent_factory: AgentFactory, hub: HubHarness, auth_camera: RtspCamera, endpoint: TunnelEndpoint, servers: ThreadLoop
+    agent_factory: AgentFactory,
+    hub: HubHarness,
+    auth_camera: RtspCamera,
+    endpoint: TunnelEndpoint,
+    servers: ThreadLoop,
 ) -> None:
     agent_factory([camera_entry(auth_camera)])
     session = await servers.call(endpoint.new_session())
 
-    status, body = await hub.tunnel_open(endpoint.url(f"/tunnel/{session.id}"), session.token, auth_camera.port)
+    status, body = await hub.tunnel_open(
+        endpoint.url(f"/tunnel/{session.id}"), session.token, auth_camera.port
+    )
     assert status == 200, body
 
     url = auth_camera.url(with_credentials=True, port=session.consumer_port)

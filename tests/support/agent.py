@@ -26,7 +26,9 @@ def parse_line(line: str) -> dict[str, Any] | None:
 
 
 class AgentRunner:
-    def __init__(self, folder: Path, config: dict[str, Any], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, folder: Path, config: dict[str, Any], env: dict[str, str] | None = None
+    ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.config_file = folder / "agent.toml"
         self.config_file.write_text(toml_writer.dumps(config))
@@ -43,7 +45,9 @@ class AgentRunner:
         parsed = (parse_line(line) for line in self.output().splitlines())
         return [e for e in parsed if e is not None and (name is None or e["event"] == name)]
 
-    def wait_event(self, name: str, count: int = 1, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+    def wait_event(
+        self, name: str, count: int = 1, timeout_s: float = 30.0
+    ) -> list[dict[str, Any]]:
         self.process.wait_for(lambda _: len(self.events(name)) >= count, timeout_s)
         return self.events(name)
 

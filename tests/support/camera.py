@@ -40,7 +40,9 @@ class RtspCamera:
         self.process = ManagedProcess(args, folder / f"camera-{self.port}.log", env=env)
         self.process.wait_for(lambda out: "READY" in out, timeout_s=20)
 
-    def url(self, *, with_credentials: bool = False, host: str | None = None, port: int | None = None) -> str:
+    def url(
+        self, *, with_credentials: bool = False, host: str | None = None, port: int | None = None
+    ) -> str:
         auth = f"{self.user}:{self.password}@" if with_credentials and self.user else ""
         return f"rtsp://{auth}{host or self.host}:{port or self.port}{self.path}"
 

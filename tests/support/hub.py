@@ -47,7 +47,10 @@ class HubHarness:
 
     @property
     def connection_string(self) -> str:
-        return f"HostName={self.host};DeviceId={self.device_id};SharedAccessKey={self.shared_access_key}"
+        return (
+            f"HostName={self.host};DeviceId={self.device_id};"
+            f"SharedAccessKey={self.shared_access_key}"
+        )
 
     def hub_config(self) -> dict[str, Any]:
         return {"connection_string": self.connection_string, "ca_file": str(self.ca.cert_file)}

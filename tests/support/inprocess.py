@@ -20,7 +20,9 @@ def service_for(ca: LocalCA, camera_port: int, **tunnel: Any) -> TunnelService:
     return build_tunnel_service(settings, environ={})
 
 
-async def open_via(service: TunnelService, endpoint: TunnelEndpoint, session: Session, port: int) -> Tunnel:
+async def open_via(
+    service: TunnelService, endpoint: TunnelEndpoint, session: Session, port: int
+) -> Tunnel:
     result = await service.tunnel_open(
         {
             "remoteEndpoint": endpoint.url(f"/tunnel/{session.id}"),

@@ -36,7 +36,8 @@ class ManagedProcess:
         return self.process.pid
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_file.read_text(errors="replace")
 
     def wait_for(self, predicate: Callable[[str], bool], timeout_s: float = 20.0) -> str:
@@ -47,7 +48,9 @@ class ManagedProcess:
             if predicate(text):
                 return text
             if self.process.poll() is not None:
-                raise AssertionError(f"{self.args[0]} exited ({self.process.returncode}):\n{text[-4000:]}")
+                raise AssertionError(
+                    f"{self.args[0]} exited ({self.process.returncode}):\n{text[-4000:]}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting on {self.args[0]}:\n{text[-4000:]}")
             time.sleep(0.05)

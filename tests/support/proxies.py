@@ -28,7 +28,9 @@ class Tinyproxy:
             )
             + "\n"
         )
-        self.process = ManagedProcess(["tinyproxy", "-d", "-c", str(config)], folder / f"tinyproxy-{self.port}.log")
+        self.process = ManagedProcess(
+            ["tinyproxy", "-d", "-c", str(config)], folder / f"tinyproxy-{self.port}.log"
+        )
         wait_port("127.0.0.1", self.port)
 
     def url(self, user: str | None = None, password: str | None = None) -> str:
@@ -51,7 +53,9 @@ class Microsocks:
         )
         wait_port("127.0.0.1", self.port)
 
-    def url(self, scheme: str = "socks5h", user: str | None = None, password: str | None = None) -> str:
+    def url(
+        self, scheme: str = "socks5h", user: str | None = None, password: str | None = None
+    ) -> str:
         return f"{scheme}://{user or self.user}:{password or self.password}@127.0.0.1:{self.port}"
 
     def stop(self) -> None:

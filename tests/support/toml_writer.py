@@ -19,7 +19,9 @@ def _value(value: Any) -> str:
 def dumps(document: dict[str, Any]) -> str:
     lines: list[str] = []
     for key, value in document.items():
-        if not isinstance(value, dict | list) or (isinstance(value, list) and not _is_tables(value)):
+        if not isinstance(value, dict | list) or (
+            isinstance(value, list) and not _is_tables(value)
+        ):
             lines.append(f"{key} = {_value(value)}")
     for key, value in document.items():
         if isinstance(value, dict):

@@ -1,4 +1,4 @@
-"""A cloud-side WebSocket endpoint for tests: checks the agent's headers, then bridges to a consumer.
+"""A cloud-side WebSocket endpoint for tests: checks the agent's headers, bridges to a consumer.
 
 A test opens a *session* (a token and a consumer TCP port), invokes tunnelOpen with the session's
 URL, and connects a consumer (ffprobe, PyAV) to the session's port: the endpoint joins the consumer
@@ -14,6 +14,7 @@ import secrets
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+
 from aiohttp import web
 
 from tunnel_agent.cloud.relay.bridge import ByteCounters, bridge
@@ -42,7 +43,9 @@ class Session:
 class TunnelEndpoint:
     """Runs on a ThreadLoop; all coroutines below run on that loop."""
 
-    def __init__(self, tls: ssl.SSLContext | None, untrusted_tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, tls: ssl.SSLContext | None, untrusted_tls: ssl.SSLContext | None = None
+    ) -> None:
         self.tls = tls
         self.untrusted_tls = untrusted_tls
         self.sessions: dict[str, Session] = {}
@@ -56,7 +59,7 @@ class TunnelEndpoint:
         app = web.Application()
         app.router.add_get("/tunnel/{id}", self._tunnel)
         app.router.add_get("/status/{code}", self._status)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2)
         await self._runner.setup()
         listeners = {"ws": None, "wss": self.tls, "wss_untrusted": self.untrusted_tls}
         for name, context in listeners.items():
@@ -64,7 +67,7 @@ class TunnelEndpoint:
                 continue
             site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=context)
             await site.start()
-            server = site._server  # noqa: SLF001 - aiohttp exposes no public bound-port accessor
+            server = site._server
             assert server is not None and server.sockets
             self.ports[name] = server.sockets[0].getsockname()[1]
         self._hang_server = await asyncio.start_server(self._hold, "127.0.0.1", 0)
@@ -78,6 +81,8 @@ class TunnelEndpoint:
         for session in self.sessions.values():
             if session.server is not None:
                 session.server.close()
+            if session.consumer is not None and not session.consumer.done():
+                session.consumer.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -85,8 +90,12 @@ class TunnelEndpoint:
         port = self.ports[listener or scheme]
         return f"{scheme}://127.0.0.1:{port}{path}"
 
-    async def new_session(self, token: str | None = None, handler: SessionHandler | None = None) -> Session:
-        session = Session(id=secrets.token_hex(4), token=token or secrets.token_urlsafe(24), handler=handler)
+    async def new_session(
+        self, token: str | None = None, handler: SessionHandler | None = None
+    ) -> Session:
+        session = Session(
+            id=secrets.token_hex(4), token=token or secrets.token_urlsafe(24), handler=handler
+        )
         session.consumer = asyncio.get_running_loop().create_future()
         if handler is None:
             session.server = await asyncio.start_server(
@@ -96,7 +105,9 @@ class TunnelEndpoint:
         self.sessions[session.id] = session
         return session
 
-    async def _consumer(self, session: Session, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _consumer(
+        self, session: Session, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         assert session.consumer is not None
         if session.consumer.done():
             writer.close()

@@ -65,6 +65,25 @@ class FrameCounter:
         self.frames += 1
 
 
+def require_basic_auth(
+    server: GstRtspServer.RTSPServer,
+    factories: list[GstRtspServer.RTSPMediaFactory],
+    user: str,
+    password: str,
+) -> None:
+    auth = GstRtspServer.RTSPAuth()
+    token = GstRtspServer.RTSPToken()
+    token.set_string(GstRtspServer.RTSP_TOKEN_MEDIA_FACTORY_ROLE, "user")
+    auth.add_basic(GstRtspServer.RTSPAuth.make_basic(user, password), token)
+    server.set_auth(auth)
+    permissions = GstRtspServer.RTSPPermissions()
+    permissions.add_role("user")
+    permissions.add_permission_for_role("user", "media.factory.access", True)
+    permissions.add_permission_for_role("user", "media.factory.construct", True)
+    for factory in factories:
+        factory.set_permissions(permissions)
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     password = os.environ.get("RTSP_CAMERA_PASSWORD") or args.password
@@ -88,6 +107,7 @@ def main(argv: list[str]) -> int:
     mounts.add_factory(args.path, live)
 
     counter = FrameCounter()
+    record = None
     if args.record_path:
         record = GstRtspServer.RTSPMediaFactory()
         record.set_transport_mode(GstRtspServer.RTSPTransportMode.RECORD)
@@ -95,20 +115,9 @@ def main(argv: list[str]) -> int:
         record.connect("media-configure", lambda _factory, media: counter.attach(media))
         mounts.add_factory(args.record_path, record)
 
+    factories = [f for f in (live, record) if f is not None]
     if args.user:
-        auth = GstRtspServer.RTSPAuth()
-        token = GstRtspServer.RTSPToken()
-        token.set_string(GstRtspServer.RTSP_TOKEN_MEDIA_FACTORY_ROLE, "user")
-        basic = GstRtspServer.RTSPAuth.make_basic(args.user, password or "")
-        auth.add_basic(basic, token)
-        server.set_auth(auth)
-        permissions = GstRtspServer.RTSPPermissions()
-        permissions.add_role("user")
-        permissions.add_permission_for_role("user", "media.factory.access", True)
-        permissions.add_permission_for_role("user", "media.factory.construct", True)
-        live.set_permissions(permissions)
-        if args.record_path:
-            record.set_permissions(permissions)
+        require_basic_auth(server, factories, args.user, password or "")
 
     if args.tls_cert:
         auth = server.get_auth() or GstRtspServer.RTSPAuth()
@@ -116,7 +125,7 @@ def main(argv: list[str]) -> int:
 
         auth.set_tls_certificate(Gio.TlsCertificate.new_from_file(args.tls_cert))
         server.set_auth(auth)
-        for factory in (live, record) if args.record_path else (live,):
+        for factory in factories:
             factory.set_profiles(GstRtspServer.RTSPProfile.SAVP | GstRtspServer.RTSPProfile.AVP)
 
     if server.attach(None) == 0:

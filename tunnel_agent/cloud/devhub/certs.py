@@ -41,7 +41,7 @@ class LocalCA:
         return self.folder / CA_FILE
 
     def issue(self, name: str, hosts: list[str]) -> CertPair:
-        """A leaf certificate for ``hosts`` (names or IPs), as ``<name>.pem`` and ``<name>-key.pem``.
+        """A leaf certificate for ``hosts`` (names or IPs): ``<name>.pem``, ``<name>-key.pem``.
 
         trustme leaves carry both the serverAuth and clientAuth usages: one kind serves brokers
         and X.509 devices.

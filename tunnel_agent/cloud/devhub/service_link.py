@@ -86,6 +86,7 @@ class DeviceServiceLink:
         host: str,
         port: int,
         ca_file: Path,
+        *,
         twin: Twin | None = None,
         on_twin_change: Callable[[Twin], None] | None = None,
     ) -> None:
@@ -101,6 +102,7 @@ class DeviceServiceLink:
         self._rids = itertools.count(1)
         self._pending: dict[str, asyncio.Future[tuple[int, Any]]] = {}
         self._clients_connected = 0
+        self._device_present = asyncio.Event()
 
     @property
     def device_connected(self) -> bool:
@@ -113,8 +115,7 @@ class DeviceServiceLink:
 
     async def wait_device(self, timeout_s: float) -> None:
         async with asyncio.timeout(timeout_s):
-            while not self.device_connected:
-                await asyncio.sleep(0.1)
+            await self._device_present.wait()
 
     async def run(self) -> None:
         tls = ssl.create_default_context(cafile=str(self.ca_file))
@@ -142,6 +143,7 @@ class DeviceServiceLink:
                 self._client = None
                 self._ready.clear()
                 self._clients_connected = 0
+                self._device_present.clear()
             await asyncio.sleep(RECONNECT_S)
 
     async def invoke(self, method: str, payload: Any, timeout_s: float) -> tuple[int, Any]:
@@ -177,6 +179,10 @@ class DeviceServiceLink:
         if topic == CLIENTS_CONNECTED:
             with contextlib.suppress(ValueError):
                 self._clients_connected = int(payload)
+            if self.device_connected:
+                self._device_present.set()
+            else:
+                self._device_present.clear()
             return
         if topic.startswith("$iothub/methods/res/"):
             status_text = topic.split("/")[3]
@@ -196,7 +202,9 @@ class DeviceServiceLink:
             rid = topic_query(topic).get("$rid", "")
             patch = _json_or_none(payload)
             if not isinstance(patch, dict):
-                await client.publish(TWIN_RESPONSE.format(status=400, rid=rid, extra=""), b"", qos=0)
+                await client.publish(
+                    TWIN_RESPONSE.format(status=400, rid=rid, extra=""), b"", qos=0
+                )
                 return
             version = self.twin.patch_reported(patch)
             if self.on_twin_change:
