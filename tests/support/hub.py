@@ -41,7 +41,13 @@ class HubHarness:
             )
         )
         loop.run(self.broker.start())
-        self.link = DeviceServiceLink(device_id, self.host, 8883, ca.cert_file)
+        service_cert = None
+        if require_client_cert:
+            service = ca.issue(f"service-{self.host}", ["devhub-service"])
+            service_cert = (service.cert_file, service.key_file)
+        self.link = DeviceServiceLink(
+            device_id, self.host, 8883, ca.cert_file, client_cert=service_cert
+        )
         loop.spawn(self.link.run())
         loop.run(self.link.wait_ready(15))
 

@@ -11,15 +11,14 @@ import asyncio
 import contextlib
 import itertools
 import json
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 import aiomqtt
 
+from tunnel_agent.cloud.devhub.mqtt_session import ServiceSession, json_or_none, topic_query
 from tunnel_agent.logs import EventLogger
 
 METHOD_REQUEST = "$iothub/methods/POST/{method}/?$rid={rid}"
@@ -29,7 +28,6 @@ TWIN_RESPONSE = "$iothub/twin/res/{status}/?$rid={rid}{extra}"
 DESIRED_PATCH = "$iothub/twin/PATCH/properties/desired/?$version={version}"
 CLIENTS_CONNECTED = "$SYS/broker/clients/connected"
 SERVICE_CLIENT_ID = "devhub-service"
-RECONNECT_S = 0.5
 
 
 class DeviceNotConnected(Exception):
@@ -72,11 +70,6 @@ def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> None:
             target[key] = value
 
 
-def topic_query(topic: str) -> dict[str, str]:
-    _, _, query = topic.partition("?")
-    return {key: values[-1] for key, values in parse_qs(query).items()}
-
-
 class DeviceServiceLink:
     """Runs (``run``) as long as the emulator; reconnects to the broker if it restarts."""
 
@@ -89,6 +82,7 @@ class DeviceServiceLink:
         *,
         twin: Twin | None = None,
         on_twin_change: Callable[[Twin], None] | None = None,
+        client_cert: tuple[Path, Path] | None = None,
     ) -> None:
         self.device_id = device_id
         self.host = host
@@ -97,8 +91,16 @@ class DeviceServiceLink:
         self.twin = twin or Twin()
         self.on_twin_change = on_twin_change
         self.log = EventLogger("tunnel_agent.devhub", device=device_id)
-        self._client: aiomqtt.Client | None = None
-        self._ready = asyncio.Event()
+        self._session = ServiceSession(
+            host,
+            port,
+            ca_file,
+            f"{SERVICE_CLIENT_ID}-{device_id}",
+            subscriptions=[(METHOD_RESPONSES, 1), (TWIN_REQUESTS, 1), (CLIENTS_CONNECTED, 0)],
+            on_message=self._on_message,
+            on_lost=self._on_lost,
+            client_cert=client_cert,
+        )
         self._rids = itertools.count(1)
         self._pending: dict[str, asyncio.Future[tuple[int, Any]]] = {}
         self._clients_connected = 0
@@ -107,48 +109,25 @@ class DeviceServiceLink:
     @property
     def device_connected(self) -> bool:
         """Whether a client besides this one is connected to the device's broker."""
-        return self._ready.is_set() and self._clients_connected > 1
+        return self._session.ready.is_set() and self._clients_connected > 1
 
     async def wait_ready(self, timeout_s: float) -> None:
-        async with asyncio.timeout(timeout_s):
-            await self._ready.wait()
+        await self._session.wait_ready(timeout_s)
+
+    def _on_lost(self) -> None:
+        self._clients_connected = 0
+        self._device_present.clear()
 
     async def wait_device(self, timeout_s: float) -> None:
         async with asyncio.timeout(timeout_s):
             await self._device_present.wait()
 
     async def run(self) -> None:
-        tls = ssl.create_default_context(cafile=str(self.ca_file))
-        while True:
-            try:
-                async with aiomqtt.Client(
-                    self.host,
-                    self.port,
-                    identifier=f"{SERVICE_CLIENT_ID}-{self.device_id}",
-                    tls_context=tls,
-                    clean_session=True,
-                    keepalive=30,
-                    timeout=10,
-                ) as client:
-                    self._client = client
-                    await client.subscribe(METHOD_RESPONSES, qos=1)
-                    await client.subscribe(TWIN_REQUESTS, qos=1)
-                    await client.subscribe(CLIENTS_CONNECTED)
-                    self._ready.set()
-                    async for message in client.messages:
-                        await self._on_message(client, str(message.topic), _payload(message))
-            except aiomqtt.MqttError:
-                pass
-            finally:
-                self._client = None
-                self._ready.clear()
-                self._clients_connected = 0
-                self._device_present.clear()
-            await asyncio.sleep(RECONNECT_S)
+        await self._session.run()
 
     async def invoke(self, method: str, payload: Any, timeout_s: float) -> tuple[int, Any]:
         """Call a direct method; (status, payload) or DeviceNotConnected / MethodTimeout."""
-        client = self._client
+        client = self._session.client
         if client is None or not self.device_connected:
             raise DeviceNotConnected(self.device_id)
         rid = str(next(self._rids))
@@ -169,7 +148,7 @@ class DeviceServiceLink:
         version = self.twin.patch_desired(patch)
         if self.on_twin_change:
             self.on_twin_change(self.twin)
-        client = self._client
+        client = self._session.client
         if client is not None:
             body = {**patch, "$version": version}
             await client.publish(DESIRED_PATCH.format(version=version), json.dumps(body), qos=1)
@@ -188,7 +167,7 @@ class DeviceServiceLink:
             status_text = topic.split("/")[3]
             future = self._pending.get(topic_query(topic).get("$rid", ""))
             if future is not None and not future.done() and status_text.isdigit():
-                future.set_result((int(status_text), _json_or_none(payload)))
+                future.set_result((int(status_text), json_or_none(payload)))
             return
         if topic.startswith("$iothub/twin/GET/"):
             rid = topic_query(topic).get("$rid", "")
@@ -200,7 +179,7 @@ class DeviceServiceLink:
             return
         if topic.startswith("$iothub/twin/PATCH/properties/reported/"):
             rid = topic_query(topic).get("$rid", "")
-            patch = _json_or_none(payload)
+            patch = json_or_none(payload)
             if not isinstance(patch, dict):
                 await client.publish(
                     TWIN_RESPONSE.format(status=400, rid=rid, extra=""), b"", qos=0
@@ -212,17 +191,3 @@ class DeviceServiceLink:
             await client.publish(
                 TWIN_RESPONSE.format(status=204, rid=rid, extra=f"&$version={version}"), b"", qos=0
             )
-
-
-def _payload(message: aiomqtt.Message) -> bytes:
-    payload = message.payload
-    if isinstance(payload, bytes | bytearray):
-        return bytes(payload)
-    return str(payload if payload is not None else "").encode()
-
-
-def _json_or_none(payload: bytes) -> Any:
-    try:
-        return json.loads(payload) if payload else None
-    except (ValueError, UnicodeDecodeError):
-        return None
