@@ -1,4 +1,4 @@
-"""The other ways onto the hub: X.509 device certificates and DPS provisioning, plus the model ID."""
+"""Other ways onto the hub: X.509 device certificates, DPS provisioning, and the PnP model ID."""
 
 from __future__ import annotations
 
