@@ -23,7 +23,7 @@ import json
 import ssl
 import sys
 import threading
-from typing import Any
+from typing import Any, cast
 
 import picows
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport, WSUpgradeRequest
@@ -159,9 +159,8 @@ class Source(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.transports.add(transport)
+        self.transport = cast(asyncio.Transport, transport)
+        self.transports.add(self.transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.transport is not None:
@@ -173,17 +172,23 @@ async def run_source(chunk: int, interval: float) -> None:
     transports: set[asyncio.Transport] = set()
     server = await loop.create_server(lambda: Source(transports), LOOPBACK, 0, backlog=1024)
     print(json.dumps({"tcp": _port(server)}), flush=True)
-    if chunk:
-        payload = bytes(chunk)
-        next_at = loop.time()
-        while True:
-            for transport in list(transports):
-                if transport.get_write_buffer_size() < 4 * chunk:  # drop frames when stalled
-                    transport.write(payload)
-            next_at += interval
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
-    else:
-        await _serve_stdin(loop, lambda _: print("{}", flush=True))
+    pacer = asyncio.create_task(_pace(transports, chunk, interval)) if chunk else None
+    await _serve_stdin(loop, lambda _: print(json.dumps({"active": len(transports)}), flush=True))
+    if pacer is not None:
+        pacer.cancel()
+
+
+async def _pace(transports: set[asyncio.Transport], chunk: int, interval: float) -> None:
+    """Write ``chunk`` bytes to every connection each ``interval`` s, without drifting."""
+    loop = asyncio.get_running_loop()
+    payload = bytes(chunk)
+    next_at = loop.time()
+    while True:
+        for transport in list(transports):
+            if transport.get_write_buffer_size() < 4 * chunk:  # drop frames when stalled
+                transport.write(payload)
+        next_at += interval
+        await asyncio.sleep(max(0.0, next_at - loop.time()))
 
 
 async def _serve_stdin(loop: asyncio.AbstractEventLoop, command: Any) -> None:

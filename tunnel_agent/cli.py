@@ -33,6 +33,29 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="validate the configuration and reach each camera port"
     )
     _add_config(check)
+
+    relay = commands.add_parser("relay", help="run the cloud-side relay")
+    _add_config(relay)
+
+    devhub = commands.add_parser("devhub", help="run the local IoT Hub emulator")
+    devhub.add_argument(
+        "--state", type=Path, help="state folder (default: ~/.local/state/tunnel-agent/devhub)"
+    )
+    devhub.add_argument("--rest", default="127.0.0.1:8444", help="REST API address")
+    devhub.add_argument(
+        "--address-block", help="loopback network for device brokers (default 127.77.0.0/24)"
+    )
+    devhub_commands = devhub.add_subparsers(dest="devhub_command")
+    add = devhub_commands.add_parser(
+        "add-device", help="register a device, print its connection string"
+    )
+    add.add_argument("name")
+    add.add_argument("--state", type=Path, dest="add_state", help="state folder, as for devhub")
+
+    demo = commands.add_parser("demo", help="run camera, agent, emulator and relay here")
+    demo.add_argument("--seconds", type=float, default=10.0, help="how long to play (default 10)")
+    demo.add_argument("--keep-running", action="store_true", help="leave it all up until Ctrl-C")
+    demo.add_argument("--output", type=Path, help="folder for the snapshot and logs")
     return parser
 
 
@@ -44,6 +67,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tunnel_agent.check import run_check
 
         return run_check(args.config, sys.stdout)
+    if args.command == "relay":
+        return _relay(args.config)
+    if args.command == "devhub":
+        from tunnel_agent.cloud.devhub.cli import add_device, default_state_dir, run_devhub
+
+        state = getattr(args, "add_state", None) or args.state or default_state_dir()
+        if args.devhub_command == "add-device":
+            return add_device(state, args.name, args.address_block, sys.stdout)
+        return run_devhub(state, args.rest, args.address_block, sys.stdout)
+    if args.command == "demo":
+        from tunnel_agent.demo import run_demo
+
+        return run_demo(seconds=args.seconds, keep_running=args.keep_running, output=args.output)
     return 2
 
 
@@ -53,6 +89,36 @@ def _load(path: Path | None) -> AgentSettings | None:
     except ConfigError as exc:
         print(f"tunnel-agent: {exc}", file=sys.stderr)
         return None
+
+
+def _relay(config: Path | None) -> int:
+    from tunnel_agent.cloud.relay.runner import run_relay
+    from tunnel_agent.cloud.relay.settings import RelaySettings
+    from tunnel_agent.config.loading import load_any
+
+    try:
+        settings = load_any(RelaySettings, config, RELAY_PATH_KEYS)
+    except ConfigError as exc:
+        print(f"tunnel-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log.level, settings.log.format)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_relay(settings, stop)
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        print(f"tunnel-agent relay: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+RELAY_PATH_KEYS = (("relay", "cert_file"), ("relay", "key_file"), ("iothub", "ca_file"))
 
 
 def _run(config: Path | None) -> int:

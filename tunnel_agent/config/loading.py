@@ -9,9 +9,10 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Iterable, Mapping, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
+from pydantic_settings import BaseSettings
 
 from tunnel_agent.config.settings import AgentSettings
 
@@ -32,7 +33,10 @@ class ConfigError(Exception):
         super().__init__("invalid configuration:\n  " + "\n  ".join(self.problems))
 
 
-def read_toml(path: Path) -> dict[str, Any]:
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def read_toml(path: Path, path_keys: Iterable[tuple[str, ...]] = PATH_KEYS) -> dict[str, Any]:
     try:
         with path.open("rb") as handle:
             data = tomllib.load(handle)
@@ -42,7 +46,7 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError([f"config file {path}: {exc.strerror}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"config file {path}: {exc}"]) from None
-    resolve_relative_paths(data, path.parent, PATH_KEYS)
+    resolve_relative_paths(data, path.parent, path_keys)
     return data
 
 
@@ -69,10 +73,17 @@ def _resolve_in(node: Any, base: Path, key: tuple[str, ...]) -> None:
 
 
 def load_settings(path: Path | None = None) -> AgentSettings:
-    """Settings from ``path`` (if any) overridden by ``TUNNEL_AGENT_*`` environment variables."""
-    data = read_toml(path) if path is not None else {}
+    """Agent settings from ``path`` (if any) overridden by ``TUNNEL_AGENT_*`` variables."""
+    return load_any(AgentSettings, path, PATH_KEYS)
+
+
+def load_any(
+    cls: type[SettingsT], path: Path | None, path_keys: Iterable[tuple[str, ...]]
+) -> SettingsT:
+    """Settings of any of the project's schemas, with the same file, environment and errors."""
+    data = read_toml(path, path_keys) if path is not None else {}
     try:
-        return AgentSettings(**data)
+        return cls(**data)
     except ValidationError as exc:
         raise ConfigError(describe_errors(exc.errors(include_input=False), data)) from None
 

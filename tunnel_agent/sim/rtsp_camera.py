@@ -31,6 +31,7 @@ LIVE_SOURCE = (
     "x264enc tune=zerolatency speed-preset=ultrafast key-int-max={gop} bitrate={kbps} ! "
     "rtph264pay name=pay0 pt=96 config-interval=1"
 )
+REQUIRED_ELEMENTS = ("videotestsrc", "x264enc", "rtph264pay", "decodebin", "videoconvert")
 RECORD_SINK = "( decodebin name=depay0 ! videoconvert ! fakesink name=frames signal-handoffs=true )"
 
 
@@ -49,6 +50,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pattern", default="smpte")
     parser.add_argument("--record-path", help="also serve a RECORD mount at this path")
     parser.add_argument("--tls-cert", help="PEM certificate + key file: serve RTSPS")
+    parser.add_argument("--check", action="store_true", help="check the GStreamer plugins and exit")
     return parser.parse_args(argv)
 
 
@@ -88,6 +90,13 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     password = os.environ.get("RTSP_CAMERA_PASSWORD") or args.password
     Gst.init(None)
+    missing = [e for e in REQUIRED_ELEMENTS if Gst.ElementFactory.find(e) is None]
+    if missing:
+        print(f"ERROR missing GStreamer elements: {', '.join(missing)}", flush=True)
+        return 1
+    if args.check:
+        print("OK", flush=True)
+        return 0
     server = GstRtspServer.RTSPServer()
     server.set_address(args.host)
     server.set_service(str(args.port))

@@ -1,0 +1,120 @@
+"""Direct methods through IoT Hub's service REST API, as the relay (or any backend) calls them.
+
+``POST https://<hub>/twins/<deviceId>/methods?api-version=2021-04-12`` with ``methodName``,
+``payload`` and ``responseTimeoutInSeconds``, authorised by a SAS made from a service policy key.
+The same code talks to a real IoT Hub or to ``tunnel-agent devhub``.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from tunnel_agent.cloud.sas import generate_sas
+from tunnel_agent.hub.connection_string import SERVICE_REQUIRED, parse_connection_string
+
+API_VERSION = "2021-04-12"
+SAS_LIFETIME_S = 3600
+CONNECT_TIMEOUT_S = 10
+
+
+class MethodCallFailed(Exception):
+    """The hub could not deliver the call; ``status`` is the hub's HTTP status (0: not reached)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status}: {reason}")
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class MethodAnswer:
+    """The device's answer: its status and JSON payload."""
+
+    status: int
+    payload: Any
+
+
+class HubServiceClient:
+    def __init__(
+        self,
+        service_connection_string: str,
+        rest_url: str | None = None,
+        ca_file: Path | None = None,
+    ) -> None:
+        fields = parse_connection_string(service_connection_string, SERVICE_REQUIRED)
+        self.hostname = fields["HostName"]
+        self._policy = fields["SharedAccessKeyName"]
+        self._key = fields["SharedAccessKey"]
+        self.rest_url = (rest_url or f"https://{self.hostname}").rstrip("/")
+        self._ssl = ssl.create_default_context()
+        if ca_file is not None:
+            self._ssl.load_verify_locations(cafile=str(ca_file))
+        self._session: aiohttp.ClientSession | None = None
+        self._sas: tuple[str, float] | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _authorization(self) -> str:
+        now = time.time()
+        if self._sas is None or self._sas[1] - now < SAS_LIFETIME_S / 2:
+            expiry = int(now + SAS_LIFETIME_S)
+            self._sas = (generate_sas(self.hostname, self._key, self._policy, expiry), expiry)
+        return self._sas[0]
+
+    async def invoke(
+        self, device_id: str, method: str, payload: Any, response_timeout_s: int
+    ) -> MethodAnswer:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl))
+        url = f"{self.rest_url}/twins/{quote(device_id, safe='')}/methods?api-version={API_VERSION}"
+        body = {
+            "methodName": method,
+            "payload": payload,
+            "responseTimeoutInSeconds": response_timeout_s,
+            "connectTimeoutInSeconds": 0,
+        }
+        timeout = aiohttp.ClientTimeout(
+            total=response_timeout_s + CONNECT_TIMEOUT_S, connect=CONNECT_TIMEOUT_S
+        )
+        try:
+            async with self._session.post(
+                url, json=body, headers={"Authorization": self._authorization()}, timeout=timeout
+            ) as response:
+                text = await response.text()
+                if response.status != 200:
+                    raise MethodCallFailed(response.status, _hub_reason(text, response.reason))
+                answer = json.loads(text)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise MethodCallFailed(0, type(exc).__name__) from None
+        return MethodAnswer(int(answer.get("status", 0)), answer.get("payload"))
+
+
+def _hub_reason(text: str, fallback: str | None) -> str:
+    """IoT Hub errors carry ``Message`` (sometimes JSON inside JSON); keep a short reason."""
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return fallback or "error"
+    message = (
+        document.get("Message") or document.get("message") if isinstance(document, dict) else None
+    )
+    if isinstance(message, str):
+        try:
+            inner = json.loads(message)
+            if isinstance(inner, dict) and isinstance(inner.get("errorCode"), int | str):
+                return f"{inner.get('errorCode')}: {inner.get('message', '')}".strip()
+        except ValueError:
+            pass
+        return message[:200]
+    return fallback or "error"

@@ -1,0 +1,133 @@
+"""The relay's configuration: listener and TLS, the hub's service side, routes, limits."""
+
+from __future__ import annotations
+
+from typing import Annotated, Self
+
+from pydantic import AfterValidator, Field, FilePath, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from tunnel_agent.config.settings import ENV_PREFIX, LogSettings, Port, _Section
+from tunnel_agent.hub.connection_string import (
+    SERVICE_REQUIRED,
+    InvalidConnectionString,
+    parse_connection_string,
+)
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port``; ValueError with the reason otherwise."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("use host:port, e.g. 127.0.0.1:8554")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _check_listen(value: str) -> str:
+    split_host_port(value)
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_check_listen)]
+
+
+class RelayServerSettings(_Section):
+    """Where devices connect back (WebSocket) and where the session API listens."""
+
+    listen: HostPort = "127.0.0.1:8443"
+    public_url: str = "wss://127.0.0.1:8443"
+    cert_file: FilePath | None = None
+    key_file: FilePath | None = None
+    allow_insecure_ws: bool = False
+    api_key: SecretStr | None = None
+    session_host: str = "127.0.0.1"
+    max_sessions: Annotated[int, Field(ge=1, le=10_000)] = 64
+    max_tunnels: Annotated[int, Field(ge=1, le=100_000)] = 256
+    max_tunnels_per_device: Annotated[int, Field(ge=1, le=10_000)] = 16
+    token_ttl: Annotated[float, Field(gt=0, le=600)] = 60.0
+    method_timeout: Annotated[int, Field(ge=5, le=300)] = 30
+    device_connect_timeout: Annotated[float, Field(gt=0, le=120)] = 10.0
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str) -> str:
+        value = value.rstrip("/")
+        if not value.startswith(("wss://", "ws://")) or "?" in value or "#" in value:
+            raise ValueError("must be a ws:// or wss:// base URL without query or fragment")
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _check_api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_or_explicitly_insecure(self) -> Self:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.cert_file is None and not self.allow_insecure_ws:
+            raise ValueError(
+                "set cert_file and key_file, or allow_insecure_ws = true for development"
+            )
+        if self.public_url.startswith("ws://") and not self.allow_insecure_ws:
+            raise ValueError("public_url is ws:// but allow_insecure_ws is false")
+        return self
+
+
+class IotHubServiceSettings(_Section):
+    """The hub the devices are registered in, seen from the service side."""
+
+    service_connection_string: SecretStr
+    rest_url: str | None = None
+    ca_file: FilePath | None = None
+
+    @field_validator("service_connection_string")
+    @classmethod
+    def _check_connection_string(cls, value: SecretStr) -> SecretStr:
+        try:
+            parse_connection_string(value.get_secret_value(), SERVICE_REQUIRED)
+        except InvalidConnectionString as exc:
+            raise ValueError(f"invalid service connection string: {exc}") from None
+        return value
+
+
+class RouteSettings(_Section):
+    """A fixed consumer port: connections to ``listen`` reach ``local_port`` on ``device_id``."""
+
+    listen: HostPort
+    device_id: Annotated[str, Field(min_length=1, max_length=128)]
+    local_port: Port
+    name: str | None = None
+
+
+class RelaySettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    relay: RelayServerSettings
+    iothub: IotHubServiceSettings
+    routes: list[RouteSettings] = []
+    log: LogSettings = LogSettings()
+
+    @model_validator(mode="after")
+    def _routes_do_not_clash(self) -> Self:
+        seen: set[str] = set()
+        for index, route in enumerate(self.routes):
+            if route.listen in seen:
+                raise ValueError(f"routes.{index}.listen: {route.listen} is used twice")
+            seen.add(route.listen)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)

@@ -1,0 +1,1 @@
+"""The media connector: camera sources, snapshot and clip tasks, re-streaming (PyAV)."""
