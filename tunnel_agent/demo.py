@@ -12,7 +12,6 @@ import contextlib
 import ipaddress
 import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,7 +26,7 @@ from typing import TextIO
 import av
 import av.video.frame
 
-from tunnel_agent.cloud.devhub.broker import INSTALL_HINT, MQTTS_PORT, BrokerError
+from tunnel_agent.cloud.devhub.broker import INSTALL_HINT, MQTTS_PORT, BrokerError, find_mosquitto
 from tunnel_agent.cloud.devhub.hub import DevHub
 from tunnel_agent.cloud.relay.runner import RunningRelay, start_relay
 from tunnel_agent.cloud.relay.settings import RelaySettings
@@ -51,7 +50,7 @@ class DemoError(Exception):
 
 def missing_prerequisites() -> list[str]:
     problems = []
-    if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
+    if find_mosquitto() is None:
         problems.append(INSTALL_HINT)
     if not Path(SYSTEM_PYTHON).exists():
         problems.append(GST_HINT)

@@ -83,7 +83,7 @@ class MosquittoBroker:
         return self._process is not None and self._process.returncode is None
 
     async def start(self) -> None:
-        binary = shutil.which("mosquitto") or _sbin("mosquitto")
+        binary = find_mosquitto()
         if binary is None:
             raise BrokerError(INSTALL_HINT)
         self.spec.folder.mkdir(parents=True, exist_ok=True)
@@ -164,6 +164,11 @@ class MosquittoBroker:
     async def restart(self) -> None:
         await self.stop()
         await self.start()
+
+
+def find_mosquitto() -> str | None:
+    """mosquitto lives in /usr/sbin on Debian, which is not on every user's PATH."""
+    return shutil.which("mosquitto") or _sbin("mosquitto")
 
 
 def _sbin(name: str) -> str | None:
