@@ -21,12 +21,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-import picows
-import psutil
+import psutil  # type: ignore[import-untyped]
 
 from tests.support.agent import AgentRunner
 from tests.support.hub import HubHarness
@@ -243,7 +243,7 @@ class Rig:
 def environment() -> str:
     return (
         f"tunnel-agent {__version__}, Python {platform.python_version()}, picows"
-        f" {picows.__version__}, {os.cpu_count()} CPUs ({platform.machine()}), load"
+        f" {metadata.version('picows')}, {os.cpu_count()} CPUs ({platform.machine()}), load"
         f" {os.getloadavg()[0]:.2f}"
     )
 

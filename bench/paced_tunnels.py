@@ -37,8 +37,10 @@ class Step:
     slowest_mbit: float  # the slowest tunnel's rate
     sink_cpu_pct: float
 
-    def row(self) -> list[object]:
+    def row(self, previous: Step | None) -> list[object]:
         n = self.tunnels
+        before_n, before_rss = (previous.tunnels, previous.rss_growth) if previous else (0, 0)
+        marginal = (self.rss_growth - before_rss) / max(1, n - before_n) / 1024
         cpu_each = self.cpu_pct / n
         rss_each = self.rss_growth / n / 1024
         return [
@@ -50,6 +52,7 @@ class Step:
             "met" if cpu_each <= TARGET_CPU_PCT else "MISSED",
             self.rss_growth / 1024 / 1024,
             rss_each,
+            marginal,
             "met" if rss_each <= TARGET_RSS_KIB else "MISSED",
             self.sink_mbit,
             self.sink_mbit / n,
@@ -67,6 +70,7 @@ HEADERS = [
     "cpu target",
     "RSS +MiB",
     "KiB/tunnel",
+    "marginal KiB",
     "rss target",
     "sink Mbit/s",
     "Mbit/s/tunnel",
@@ -165,11 +169,16 @@ def main() -> None:
         for scheme in args.schemes.split(","):
             results += run_scheme(rig, scheme, steps, args.seconds, args.warmup)
     print()
-    print(table(HEADERS, [step.row() for step in results]))
+    rows = [
+        step.row(prev if prev is not None and prev.scheme == step.scheme else None)
+        for prev, step in zip([None, *results], results, strict=False)
+    ]
+    print(table(HEADERS, rows))
     print(
         f"targets per {MBIT_PER_TUNNEL:g} Mbit/s tunnel: <= {TARGET_CPU_PCT} % of a core,"
         f" <= {TARGET_RSS_KIB} KiB RSS. 'net of idle' subtracts the agent's CPU with no tunnel;"
-        " RSS growth is measured from before the first tunnel."
+        " RSS growth is measured from before the first tunnel; 'marginal KiB' is the growth"
+        " since the previous step per added tunnel (leaves out one-time costs)."
     )
 
 

@@ -28,11 +28,6 @@ from typing import Any, cast
 import picows
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport, WSUpgradeRequest
 
-try:  # a faster loop keeps the peers from being the bottleneck; asyncio works too
-    import uvloop
-except ImportError:  # pragma: no cover
-    uvloop = None
-
 LOOPBACK = "127.0.0.1"
 CLOSE_DELAY_S = 0.05
 
@@ -201,7 +196,11 @@ async def _serve_stdin(loop: asyncio.AbstractEventLoop, command: Any) -> None:
     def read() -> None:
         for raw in sys.stdin:
             loop.call_soon_threadsafe(command, raw.strip())
-        loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+        loop.call_soon_threadsafe(finish)
+
+    def finish() -> None:
+        if not done.done():
+            done.set_result(None)
 
     threading.Thread(target=read, daemon=True).start()
     await done
@@ -226,10 +225,12 @@ def main() -> None:
     else:
         coro = run_source(args.chunk, args.interval)
     with contextlib.suppress(KeyboardInterrupt):
-        if uvloop is not None:
-            uvloop.run(coro)
-        else:
+        try:  # a faster loop keeps the peers from being the bottleneck; asyncio works too
+            import uvloop
+        except ImportError:
             asyncio.run(coro)
+        else:
+            uvloop.run(coro)
 
 
 if __name__ == "__main__":

@@ -112,11 +112,11 @@ async def test_tunnel_survives_a_hub_restart_and_new_tunnels_open_after(
         agent.wait_event("hub.connected", count=2, timeout_s=30)
         own_hub.wait_device()
         await asyncio.sleep(1)
+        assert not agent.events("tunnel.closed")  # checked before the viewer stops
 
         stop.set()
         await asyncio.to_thread(reader.join, 15)
         assert any(t > restarted for t in frames), "video stopped with the hub"
-        assert not agent.events("tunnel.closed")
         assert agent.events("hub.disconnected")
         second = await servers.call(endpoint.new_session(handler=sink_handler))
         status, body = await own_hub.tunnel_open(

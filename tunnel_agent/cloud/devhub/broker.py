@@ -99,17 +99,33 @@ class MosquittoBroker:
             stderr=asyncio.subprocess.PIPE,
         )
         try:
-            await self._wait_listening()
+            await self._wait_listening(log_start)
         except BrokerError as exc:
             stderr = await self._stop_and_read_stderr()
             raise BrokerError(f"{exc}{self._explain(stderr, log_start)}") from None
 
-    async def _wait_listening(self) -> None:
+    def _log_since(self, offset: int) -> str:
+        if not self.log_file.exists():
+            return ""
+        with self.log_file.open(errors="replace") as handle:
+            handle.seek(offset)
+            return handle.read()
+
+    async def _wait_listening(self, log_start: int) -> None:
+        """Ready once mosquitto says it is running (all listeners open) and the port answers.
+
+        The log line matters: a port that answers may belong to someone else.
+        """
         deadline = asyncio.get_running_loop().time() + START_TIMEOUT_S
         while True:
             process = self._process
             if process is None or process.returncode is not None:
                 raise BrokerError(f"mosquitto exited while starting on {self.address}")
+            if " running" not in self._log_since(log_start):
+                if asyncio.get_running_loop().time() > deadline:
+                    raise BrokerError(f"mosquitto did not start on {self.address}")
+                await asyncio.sleep(0.05)
+                continue
             try:
                 _, writer = await asyncio.open_connection(self.spec.host, self.spec.port)
             except OSError:
@@ -127,11 +143,7 @@ class MosquittoBroker:
         return f"{self.spec.host}:{self.spec.port}"
 
     def _explain(self, stderr: str, log_start: int) -> str:
-        text = stderr
-        if self.log_file.exists():
-            with self.log_file.open() as handle:
-                handle.seek(log_start)
-                text += handle.read()
+        text = stderr + self._log_since(log_start)
         if "Address already in use" in text:
             return f": {self.address} is already in use"
         errors = [line.split(": ", 1)[-1] for line in text.splitlines() if "Error" in line]

@@ -12,6 +12,7 @@ from typing import TextIO
 from tunnel_agent.cloud.devhub.broker import BrokerError
 from tunnel_agent.cloud.devhub.hub import DevHub
 from tunnel_agent.cloud.devhub.registry import DeviceRegistry, RegistryError
+from tunnel_agent.logs import configure_logging
 
 
 def default_state_dir() -> Path:
@@ -21,7 +22,7 @@ def default_state_dir() -> Path:
 
 def add_device(state: Path, device_id: str, address_block: str | None, out: TextIO) -> int:
     try:
-        registry = DeviceRegistry(state, address_block) if address_block else DeviceRegistry(state)
+        registry = DeviceRegistry(state, address_block)
         device = registry.add(device_id)
     except RegistryError as exc:
         print(f"tunnel-agent devhub: {exc}", file=sys.stderr)
@@ -31,6 +32,8 @@ def add_device(state: Path, device_id: str, address_block: str | None, out: Text
 
 
 def run_devhub(state: Path, rest_listen: str, address_block: str | None, out: TextIO) -> int:
+    configure_logging("INFO")
+
     async def main() -> None:
         hub = DevHub(state, rest_listen, address_block)
         stop = asyncio.Event()

@@ -36,9 +36,7 @@ class DevHub:
     ) -> None:
         self.state = state
         self.rest_host, self.rest_port = split_host_port(rest_listen)
-        self.registry = (
-            DeviceRegistry(state, address_block) if address_block else DeviceRegistry(state)
-        )
+        self.registry = DeviceRegistry(state, address_block)
         self.ca = LocalCA(state / "ca")
         self.log = EventLogger("tunnel_agent.devhub")
         self.brokers: dict[str, MosquittoBroker] = {}

@@ -40,12 +40,24 @@ def new_key() -> str:
 
 
 class DeviceRegistry:
-    def __init__(self, folder: Path, address_block: str = DEFAULT_ADDRESS_BLOCK) -> None:
+    def __init__(self, folder: Path, address_block: str | None = None) -> None:
+        """The address block is chosen when the registry is created; later it must match."""
         self.folder = folder
         self.file = folder / REGISTRY_FILE
-        self.network = ipaddress.ip_network(address_block)
+        stored = str(self._read().get("address_block") or "") if self.file.exists() else None
+        if stored and address_block and stored != address_block:
+            raise RegistryError(f"{folder} uses address block {stored}, not {address_block}")
+        block = stored or address_block or DEFAULT_ADDRESS_BLOCK
+        try:
+            self.network = ipaddress.ip_network(block)
+        except ValueError:
+            raise RegistryError(f"{block} is not a network such as 127.77.0.0/24") from None
         if not self.network.is_loopback:
-            raise RegistryError(f"{address_block} is not a loopback network")
+            raise RegistryError(f"{block} is not a loopback network")
+
+    def _read(self) -> dict[str, object]:
+        document = json.loads(self.file.read_text())
+        return document if isinstance(document, dict) else {}
 
     def load(self) -> tuple[str, dict[str, Device]]:
         """(service key, devices); creates an empty registry on first use."""
@@ -80,7 +92,11 @@ class DeviceRegistry:
 
     def _save(self, service_key: str, devices: dict[str, Device]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        document = {"service_key": service_key, "devices": [asdict(d) for d in devices.values()]}
+        document = {
+            "service_key": service_key,
+            "address_block": str(self.network),
+            "devices": [asdict(d) for d in devices.values()],
+        }
         temporary = self.file.with_suffix(".tmp")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
