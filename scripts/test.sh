@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-system-deps.sh
-bash scripts/setup-venv.sh
+bash scripts/setup-venv.sh test
 .venv/bin/python -m ruff check tunnel_agent tests bench
 .venv/bin/python -m mypy --strict tunnel_agent
 exec .venv/bin/python -m pytest -q "$@"
