@@ -156,7 +156,7 @@ class Rig:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._failed = kind is not None
+        self._failed = kind is not None and not issubclass(kind, KeyboardInterrupt)
         self.close()
 
     @property
@@ -238,6 +238,15 @@ class Rig:
 
         assert self.servers is not None
         return self.servers.run(timed(), timeout=40)
+
+
+def entry_point(main: Callable[[], None]) -> None:
+    """Run a benchmark's ``main``; an interrupt (Ctrl-C, SIGTERM) exits quietly with 130."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted; every process was stopped", file=sys.stderr)
+        sys.exit(130)
 
 
 def environment() -> str:

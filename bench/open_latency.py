@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench.common import LOOPBACK, Rig, environment, percentile, table, wait_until
+from bench.common import LOOPBACK, Rig, entry_point, environment, percentile, table, wait_until
 
 TARGET_P99_MS = 150.0
 WARMUP_CALLS = 3
@@ -80,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry_point(main)

@@ -15,7 +15,16 @@ import argparse
 import time
 from dataclasses import dataclass
 
-from bench.common import LOOPBACK, Rig, cpu_seconds, environment, rss_bytes, table, wait_until
+from bench.common import (
+    LOOPBACK,
+    Rig,
+    cpu_seconds,
+    entry_point,
+    environment,
+    rss_bytes,
+    table,
+    wait_until,
+)
 from tests.support.agent import AgentRunner
 
 CHUNK_BYTES = 20_000
@@ -183,4 +192,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry_point(main)

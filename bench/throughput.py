@@ -21,6 +21,7 @@ from bench.common import (
     Child,
     Rig,
     cpu_seconds,
+    entry_point,
     environment,
     median,
     table,
@@ -208,4 +209,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry_point(main)
