@@ -11,6 +11,7 @@ from tunnel_agent import __version__
 from tunnel_agent.config.settings import AgentSettings, CameraSettings
 from tunnel_agent.hub.link import HubLink
 from tunnel_agent.logs import SECRETS, EventLogger
+from tunnel_agent.media.service import MediaService
 from tunnel_agent.tunnel.connect import ConnectOptions, tls_context
 from tunnel_agent.tunnel.contract import TUNNEL_OPEN_METHOD
 from tunnel_agent.tunnel.errors import unknown_method
@@ -87,6 +88,7 @@ class Agent:
         self.hub = (
             HubLink(settings.hub, settings.proxy.address, self.dispatch) if settings.hub else None
         )
+        self.media = MediaService(settings) if any(c.streams for c in settings.cameras) else None
 
     async def dispatch(self, method: str, payload: object) -> MethodResult:
         if method == TUNNEL_OPEN_METHOD:
@@ -104,13 +106,18 @@ class Agent:
             cameras=len(self.settings.cameras),
             ports=",".join(str(t.port) for t in self.tunnels.targets) or "-",
             hub="on" if self.hub else "off",
+            media_streams=sum(len(c.streams) for c in self.settings.cameras),
         )
-        hub_stop = asyncio.Event()
+        hub_stop, media_stop = asyncio.Event(), asyncio.Event()
         hub_task = asyncio.create_task(self.hub.run(hub_stop)) if self.hub else None
+        media_task = asyncio.create_task(self.media.run(media_stop)) if self.media else None
         try:
             await stop.wait()
         finally:
+            media_stop.set()
             await self._shutdown(hub_stop, hub_task)
+            if media_task is not None:
+                await media_task
 
     async def _shutdown(self, hub_stop: asyncio.Event, hub_task: asyncio.Task[None] | None) -> None:
         registry = self.tunnels.registry

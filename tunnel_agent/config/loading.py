@@ -22,6 +22,12 @@ PATH_KEYS: tuple[tuple[str, ...], ...] = (
     ("hub", "cert_file"),
     ("hub", "key_file"),
     ("tunnel", "ca_file"),
+    ("cameras", "ca_file"),
+    ("cameras", "streams", "path"),
+    ("cameras", "streams", "media_server_ca_file"),
+    ("mqtt", "ca_file"),
+    ("mqtt", "cert_file"),
+    ("mqtt", "key_file"),
 )
 
 
@@ -95,17 +101,30 @@ def describe_errors(errors: Iterable[Mapping[str, Any]], data: Mapping[str, Any]
         message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
         camera = _camera_name(error.get("loc", ()), data)
         if camera:
-            location += f" (camera {camera!r})"
+            location += f" (camera {camera})"
         lines.append(f"{location or 'configuration'}: {message}" if location else message)
     return lines
 
 
 def _camera_name(loc: Iterable[Any], data: Mapping[str, Any]) -> str | None:
+    """'lobby' or 'lobby', stream 'snaps' for errors located inside a camera entry."""
     parts = list(loc)
-    if len(parts) >= 2 and parts[0] == "cameras" and isinstance(parts[1], int):
-        cameras = data.get("cameras")
-        if isinstance(cameras, list) and parts[1] < len(cameras):
-            entry = cameras[parts[1]]
-            if isinstance(entry, Mapping) and isinstance(entry.get("name"), str):
-                return str(entry["name"])
+    camera = (
+        _named(data.get("cameras"), parts[1]) if len(parts) >= 2 and parts[0] == "cameras" else None
+    )
+    if camera is None:
+        return None
+    label = repr(str(camera["name"]))
+    if len(parts) >= 4 and parts[2] == "streams":
+        stream = _named(camera.get("streams"), parts[3])
+        if stream is not None:
+            label += f", stream {str(stream['name'])!r}"
+    return label
+
+
+def _named(entries: Any, index: Any) -> Mapping[str, Any] | None:
+    if isinstance(entries, list) and isinstance(index, int) and 0 <= index < len(entries):
+        entry = entries[index]
+        if isinstance(entry, Mapping) and isinstance(entry.get("name"), str):
+            return entry
     return None

@@ -10,8 +10,6 @@ import re
 from typing import Annotated, Literal, Self
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     FilePath,
     SecretStr,
@@ -24,6 +22,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from tunnel_agent.config.base import Port, Section
 from tunnel_agent.config.proxy import InvalidProxy, ProxyAddress, parse_proxy_url
 from tunnel_agent.hub.connection_string import (
     DEVICE_REQUIRED,
@@ -31,19 +30,15 @@ from tunnel_agent.hub.connection_string import (
     check_base64_key,
     parse_connection_string,
 )
+from tunnel_agent.media.settings import MediaSettings, MqttSettings, StreamSettings
 
 ENV_PREFIX = "TUNNEL_AGENT_"
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
-Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0, le=86_400)]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class HubSettings(_Section):
+class HubSettings(Section):
     """How the device reaches IoT Hub: a connection string, X.509, or DPS provisioning."""
 
     connection_string: SecretStr | None = None
@@ -115,7 +110,7 @@ class HubSettings(_Section):
         return self
 
 
-class ProxySettings(_Section):
+class ProxySettings(Section):
     """One proxy for the hub link and the tunnels (HTTP CONNECT, SOCKS4 or SOCKS5)."""
 
     url: SecretStr | None = None
@@ -135,7 +130,7 @@ class ProxySettings(_Section):
         return parse_proxy_url(self.url.get_secret_value()) if self.url is not None else None
 
 
-class TunnelSettings(_Section):
+class TunnelSettings(Section):
     """Limits and trust for tunnels. Times are in seconds."""
 
     connect_timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
@@ -151,7 +146,7 @@ class TunnelSettings(_Section):
     close_timeout: Annotated[float, Field(gt=0, le=30)] = 2.0
 
 
-class CameraSettings(_Section):
+class CameraSettings(Section):
     """One camera: where its RTSP server listens and which ports tunnels may reach."""
 
     name: str
@@ -162,6 +157,8 @@ class CameraSettings(_Section):
     password: SecretStr | None = None
     make: str | None = None
     model: str | None = None
+    ca_file: FilePath | None = None
+    streams: list[StreamSettings] = []
 
     @field_validator("name")
     @classmethod
@@ -180,6 +177,16 @@ class CameraSettings(_Section):
             raise ValueError("must be a host name or an IP address")
         return value.removeprefix("[").removesuffix("]")
 
+    @model_validator(mode="after")
+    def _streams_need_a_source(self) -> Self:
+        names = [s.name for s in self.streams]
+        for index, name in enumerate(names):
+            if names.index(name) != index:
+                raise ValueError(f"streams.{index}.name: stream name {name!r} is used twice")
+        if self.streams and not self.url:
+            raise ValueError("url is needed for streams (the media source)")
+        return self
+
     @field_validator("ports")
     @classmethod
     def _unique_ports(cls, value: list[int]) -> list[int]:
@@ -189,7 +196,7 @@ class CameraSettings(_Section):
         return value
 
 
-class LogSettings(_Section):
+class LogSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
 
@@ -208,6 +215,8 @@ class AgentSettings(BaseSettings):
     proxy: ProxySettings = ProxySettings()
     tunnel: TunnelSettings = TunnelSettings()
     cameras: list[CameraSettings] = []
+    mqtt: MqttSettings | None = None
+    media: MediaSettings = MediaSettings()
     log: LogSettings = LogSettings()
 
     @model_validator(mode="after")
@@ -218,6 +227,12 @@ class AgentSettings(BaseSettings):
             if camera.name in names:
                 raise ValueError(f"cameras.{index}.name: camera name {camera.name!r} is used twice")
             names[camera.name] = index
+            for stream_index, stream in enumerate(camera.streams):
+                if stream.task == "snapshot-to-mqtt" and self.mqtt is None:
+                    raise ValueError(
+                        f"cameras.{index}.streams.{stream_index}: snapshot-to-mqtt needs an [mqtt]"
+                        " section"
+                    )
             for port in camera.ports:
                 if port in ports:
                     raise ValueError(

@@ -6,6 +6,7 @@ from fractions import Fraction
 
 import av
 import av.video.frame
+import av.video.reformatter
 
 # format -> (FFmpeg encoder, pixel format it takes)
 IMAGE_ENCODERS: dict[str, tuple[str, str]] = {
@@ -18,20 +19,34 @@ IMAGE_FORMAT_ALIASES = {"jpg": "jpeg", "tif": "tiff"}
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "bmp": "image/bmp", "tiff": "image/tiff"}
 
 
-def encode_image(
-    frame: av.video.frame.VideoFrame, image_format: str = "jpeg", quality: int = 4
-) -> bytes:
-    """One frame as a complete image file; ``quality`` is FFmpeg's qscale (2 best, 31 worst)."""
-    image_format = IMAGE_FORMAT_ALIASES.get(image_format, image_format)
-    encoder, pixel_format = IMAGE_ENCODERS[image_format]
-    codec = av.CodecContext.create(encoder, "w")
-    assert isinstance(codec, av.VideoCodecContext)
-    codec.width = frame.width
-    codec.height = frame.height
-    codec.pix_fmt = pixel_format
-    codec.time_base = Fraction(1, 25)
-    if image_format == "jpeg":
-        codec.qmin = codec.qmax = quality
-    still = frame.reformat(format=pixel_format)
-    packets = list(codec.encode(still)) + list(codec.encode(None))
-    return b"".join(bytes(p) for p in packets)
+class ImageEncoder:
+    """Encodes frames as one image format; one per thread.
+
+    A decoded frame is shared by every snapshot task of a camera, so the pixel-format conversion
+    must not use the frame's own reformatter (``frame.reformat``): two threads converting the same
+    frame through it deadlock in libswscale. Each encoder has its own.
+    """
+
+    def __init__(self, image_format: str = "jpeg", quality: int = 4) -> None:
+        self.image_format = IMAGE_FORMAT_ALIASES.get(image_format, image_format)
+        self.encoder, self.pixel_format = IMAGE_ENCODERS[self.image_format]
+        self.quality = quality  # FFmpeg's qscale for JPEG: 2 best, 31 worst
+        self._reformatter = av.video.reformatter.VideoReformatter()
+
+    def encode(self, frame: av.video.frame.VideoFrame) -> bytes:
+        codec = av.CodecContext.create(self.encoder, "w")
+        assert isinstance(codec, av.VideoCodecContext)
+        codec.width = frame.width
+        codec.height = frame.height
+        codec.pix_fmt = self.pixel_format
+        codec.time_base = Fraction(1, 25)
+        if self.image_format == "jpeg":
+            codec.qmin = codec.qmax = self.quality
+        still = self._reformatter.reformat(frame, format=self.pixel_format)
+        packets = list(codec.encode(still)) + list(codec.encode(None))
+        return b"".join(bytes(p) for p in packets)
+
+
+def encode_image(frame: av.video.frame.VideoFrame, image_format: str = "jpeg") -> bytes:
+    """One frame as a complete image file, for callers that own the frame."""
+    return ImageEncoder(image_format).encode(frame)

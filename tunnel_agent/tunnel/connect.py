@@ -83,7 +83,7 @@ async def connect_tunnel(
             ) from None
         try:
             async with asyncio.timeout(options.handshake_timeout_s):
-                ws, _ = await picows.ws_connect(
+                await picows.ws_connect(
                     lambda: tunnel.remote,
                     endpoint.url,
                     ssl_context=options.ssl_context if endpoint.secure else None,
@@ -103,5 +103,5 @@ async def connect_tunnel(
     except BaseException:
         tunnel.abort("open failed")
         raise
-    tunnel.start(ws)
+    tunnel.start()
     return tunnel

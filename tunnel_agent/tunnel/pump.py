@@ -77,6 +77,11 @@ class RemoteSide(picows.WSListener):
     def __init__(self, tunnel: Tunnel) -> None:
         self._tunnel = tunnel
 
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        # Frames (even a CLOSE) can arrive in the same read as the handshake answer, before
+        # ws_connect returns: the tunnel must know its WebSocket from this moment on.
+        self._tunnel.attach_remote(transport)
+
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         self._tunnel.remote_frame(frame)
 
@@ -129,12 +134,16 @@ class Tunnel:
 
     # -- life cycle ---------------------------------------------------------------------------
 
-    def start(self, ws: WSTransport) -> None:
-        """Both ends are connected: start moving bytes and checking the link."""
+    def attach_remote(self, ws: WSTransport) -> None:
         self.ws = ws
         ws.underlying_transport.set_write_buffer_limits(
             WRITE_BUFFER_HIGH_BYTES, WRITE_BUFFER_LOW_BYTES
         )
+
+    def start(self) -> None:
+        """Both ends are connected: start moving bytes and checking the link."""
+        if self.close_reason is not None:
+            return  # closed during the handshake; close() is already taking both sides down
         now = time.monotonic()
         self.opened_at = self._last_proof_of_life = self._last_activity = self._last_ping = now
         self.resume_camera_reading()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -58,6 +59,7 @@ class ServiceSession:
                     clean_session=True,
                     keepalive=30,
                     timeout=10,
+                    socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
                 ) as client:
                     self.client = client
                     for topic, qos in self.subscriptions:

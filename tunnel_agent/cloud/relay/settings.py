@@ -7,7 +7,8 @@ from typing import Annotated, Self
 from pydantic import AfterValidator, Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from tunnel_agent.config.settings import ENV_PREFIX, LogSettings, Port, _Section
+from tunnel_agent.config.base import Port, Section
+from tunnel_agent.config.settings import ENV_PREFIX, LogSettings
 from tunnel_agent.hub.connection_string import (
     SERVICE_REQUIRED,
     InvalidConnectionString,
@@ -31,7 +32,7 @@ def _check_listen(value: str) -> str:
 HostPort = Annotated[str, AfterValidator(_check_listen)]
 
 
-class RelayServerSettings(_Section):
+class RelayServerSettings(Section):
     """Where devices connect back (WebSocket) and where the session API listens."""
 
     listen: HostPort = "127.0.0.1:8443"
@@ -76,7 +77,7 @@ class RelayServerSettings(_Section):
         return self
 
 
-class IotHubServiceSettings(_Section):
+class IotHubServiceSettings(Section):
     """The hub the devices are registered in, seen from the service side."""
 
     service_connection_string: SecretStr
@@ -93,7 +94,7 @@ class IotHubServiceSettings(_Section):
         return value
 
 
-class RouteSettings(_Section):
+class RouteSettings(Section):
     """A fixed consumer port: connections to ``listen`` reach ``local_port`` on ``device_id``."""
 
     listen: HostPort

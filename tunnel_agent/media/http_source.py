@@ -1,0 +1,179 @@
+"""A camera's HTTP snapshot URL (JPEG over HTTP) as a source for snapshot tasks.
+
+Polled at the highest rate its tasks ask for, each request bounded by a timeout, with Basic or
+Digest authentication (whichever the camera asks for). Images go to the tasks as they are; a task
+that wants another format re-encodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+
+from tunnel_agent.logs import EventLogger, redact_text
+from tunnel_agent.media.backoff import Backoff
+from tunnel_agent.media.pacing import SnapshotPacer
+from tunnel_agent.media.packets import CapturedFrame
+from tunnel_agent.media.settings import MediaSettings
+from tunnel_agent.media.source import SourceState
+from tunnel_agent.media.tasks.base import FrameTask
+from tunnel_agent.media.urls import SourceAddress
+
+MAX_POLL_PER_S = 10.0
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+_MAGIC = (
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG", "png"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+)
+
+
+def sniff_format(data: bytes, content_type: str | None) -> str | None:
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    if content_type and content_type.startswith("image/"):
+        subtype = content_type.split("/", 1)[1].split(";", 1)[0].strip()
+        return {"jpg": "jpeg", "tif": "tiff"}.get(subtype, subtype)
+    return None
+
+
+class HttpSnapshotSource:
+    def __init__(
+        self,
+        camera: str,
+        address: SourceAddress,
+        settings: MediaSettings,
+        frame_tasks: list[FrameTask],
+    ) -> None:
+        self.camera = camera
+        self.url = _without_credentials(address.open_url)
+        self.username, self.password = address.username, address.password
+        self.settings = settings
+        self.frame_tasks = frame_tasks
+        self.log = EventLogger("tunnel_agent.media").bind(camera=camera, source=address.display)
+        self.state = SourceState.CONNECTING
+        self.reason: str | None = None
+        self.counters: Counter[str] = Counter()
+        self.last_packet_at: float | None = None
+        self._pacers = [SnapshotPacer(t.rate_per_s) for t in frame_tasks]
+        self._backoff = Backoff(
+            settings.backoff_initial, settings.backoff_max, settings.stable_after
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def poll_interval_s(self) -> float:
+        rates = [t.rate_per_s for t in self.frame_tasks]
+        fastest = MAX_POLL_PER_S if any(r <= 0 for r in rates) else max(rates, default=1.0)
+        return 1.0 / min(fastest, MAX_POLL_PER_S)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.run())
+
+    async def stop_async(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.state = SourceState.STOPPED
+
+    def check_watchdog(self, now: float) -> bool:
+        return False  # every request has its own deadline
+
+    def status(self) -> dict[str, Any]:
+        age = (
+            None
+            if self.last_packet_at is None
+            else round(time.monotonic() - self.last_packet_at, 1)
+        )
+        return {
+            "state": self.state.value,
+            "reason": self.reason,
+            "last_packet_age_s": age,
+            **dict(self.counters),
+        }
+
+    async def run(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.settings.open_timeout)
+        digest = False
+        while True:
+            middlewares: tuple[Any, ...] = ()
+            auth = None
+            if self.username is not None:
+                if digest:
+                    middlewares = (
+                        aiohttp.DigestAuthMiddleware(self.username, self.password or ""),
+                    )
+                else:
+                    auth = aiohttp.BasicAuth(self.username, self.password or "")
+            async with aiohttp.ClientSession(
+                timeout=timeout, auth=auth, middlewares=middlewares
+            ) as session:
+                try:
+                    await self._poll(session)
+                except _WantsDigest:
+                    digest = True
+                    continue
+                except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                    delay = self._backoff.next_delay()
+                    self.counters["failures"] += 1
+                    self._set_state(
+                        SourceState.BACKING_OFF,
+                        redact_text(f"{type(exc).__name__}: {exc}"),
+                        retry_in_s=round(delay, 1),
+                    )
+                    await asyncio.sleep(delay)
+
+    async def _poll(self, session: aiohttp.ClientSession) -> None:
+        started = time.monotonic()
+        while True:
+            tick = time.monotonic()
+            async with session.get(self.url) as response:
+                if (
+                    response.status == 401
+                    and "digest" in response.headers.get("WWW-Authenticate", "").lower()
+                ) and session.auth is not None:
+                    raise _WantsDigest
+                if response.status != 200:
+                    raise ValueError(f"HTTP {response.status}")
+                data = await response.content.read(MAX_IMAGE_BYTES + 1)
+                if len(data) > MAX_IMAGE_BYTES:
+                    raise ValueError("image larger than 32 MiB")
+                image_format = sniff_format(data, response.headers.get("Content-Type"))
+            if image_format is None:
+                raise ValueError("the URL did not return an image")
+            now = time.monotonic()
+            self.last_packet_at = now
+            self.counters["images"] += 1
+            if self.state is not SourceState.RUNNING:
+                self._set_state(SourceState.RUNNING, format=image_format)
+            self._backoff.ran_for(now - started)
+            captured = CapturedFrame(datetime.now(UTC), None, data, image_format)
+            for task, pacer in zip(self.frame_tasks, self._pacers, strict=True):
+                if pacer.due(now):
+                    task.on_frame(captured)
+            await asyncio.sleep(max(0.0, self.poll_interval_s - (time.monotonic() - tick)))
+
+    def _set_state(self, state: SourceState, reason: str | None = None, **fields: Any) -> None:
+        if state is self.state and reason == self.reason:
+            return
+        self.state, self.reason = state, reason
+        log = self.log.warning if state is SourceState.BACKING_OFF else self.log.info
+        log("media.source_state", state=state.value, reason=reason, **fields)
+
+
+class _WantsDigest(Exception):
+    pass
+
+
+def _without_credentials(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}://{authority.rsplit('@', 1)[-1]}{slash}{path}"

@@ -1,0 +1,72 @@
+"""What a camera source hands its tasks: immutable packets and a codec template per connection."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from datetime import datetime
+from fractions import Fraction
+from typing import Any
+
+import av
+import av.container
+import av.stream
+import av.video.frame
+
+
+@dataclass(frozen=True, slots=True)
+class MediaPacket:
+    """One video packet, copied out of the demuxer so any task thread may use it."""
+
+    data: bytes
+    pts: int | None
+    dts: int
+    time_base: Fraction
+    is_keyframe: bool
+    generation: int
+    captured_at: float  # wall clock (epoch seconds) when the source read it
+
+    def to_av(self, stream: av.stream.Stream, offset: int = 0) -> av.Packet[Any]:
+        """A fresh PyAV packet for muxing into ``stream``, shifted back by ``offset``."""
+        packet = av.Packet(self.data)
+        packet.dts = self.dts - offset
+        packet.pts = (self.pts - offset) if self.pts is not None else packet.dts
+        packet.time_base = self.time_base
+        packet.is_keyframe = self.is_keyframe
+        packet.stream = stream
+        return packet
+
+    @property
+    def seconds(self) -> float:
+        return float(self.dts * self.time_base)
+
+
+class StreamTemplate:
+    """Codec parameters of one source connection, detached from the demuxing container.
+
+    Output containers are created with ``add_stream_from_template(template.stream)``; the template
+    lives in a container of its own that is never written, so task threads never touch the
+    container the source thread is reading.
+    """
+
+    def __init__(self, source_stream: av.stream.Stream, generation: int) -> None:
+        self.generation = generation
+        self._holder: av.container.OutputContainer = av.open(io.BytesIO(), "w", format="matroska")
+        self.stream = self._holder.add_stream_from_template(source_stream)
+        context = source_stream.codec_context
+        self.codec = context.name if context is not None else "unknown"
+        self.width = int(getattr(context, "width", 0) or 0)
+        self.height = int(getattr(context, "height", 0) or 0)
+
+    def close(self) -> None:
+        self._holder.close()
+
+
+@dataclass(frozen=True, slots=True)
+class CapturedFrame:
+    """A decoded frame (or an already encoded image) and when it was captured (UTC)."""
+
+    captured_at: datetime
+    frame: av.video.frame.VideoFrame | None = None
+    image: bytes | None = None
+    image_format: str | None = None

@@ -1,0 +1,327 @@
+"""One connection per camera, shared by all of its tasks.
+
+A worker thread owns the PyAV container for its whole life (no PyAV call runs on the event loop):
+it opens the source with a deadline, demuxes once, copies each video packet to the packet tasks,
+decodes only for snapshot tasks (keyframes only when their rates allow) and hands paced frames to
+them. Every open and read is bounded; a source that delivers no packet for ``watchdog`` seconds is
+restarted; reconnects back off exponentially with jitter and the backoff resets after a stable
+period. Files loop (paced in real time) so tasks see a continuous source; folders cycle through
+their images and videos.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import av
+import av.container
+import av.stream
+import av.video.frame
+
+from tunnel_agent.logs import EventLogger, redact_text
+from tunnel_agent.media.backoff import Backoff
+from tunnel_agent.media.pacing import (
+    KeyframeRate,
+    SnapshotPacer,
+    TimestampValidator,
+    keyframes_suffice,
+)
+from tunnel_agent.media.packets import CapturedFrame, MediaPacket, StreamTemplate
+from tunnel_agent.media.settings import MediaSettings
+from tunnel_agent.media.tasks.base import FrameTask, PacketTask
+from tunnel_agent.media.urls import SourceAddress, SourceKind
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+VIDEO_SUFFIXES = {".mkv", ".mp4", ".mov", ".avi", ".ts", ".mts", ".flv", ".webm", ".mpg", ".mpeg"}
+
+
+class SourceState(enum.Enum):
+    CONNECTING = "connecting"
+    RUNNING = "running"
+    BACKING_OFF = "backing off"
+    STOPPED = "stopped"
+
+
+class SourceStalled(Exception):
+    """The watchdog saw no packet for too long."""
+
+
+class CameraSource:
+    def __init__(
+        self,
+        camera: str,
+        address: SourceAddress,
+        settings: MediaSettings,
+        packet_tasks: list[PacketTask],
+        frame_tasks: list[FrameTask],
+        *,
+        ca_file: Path | None = None,
+    ) -> None:
+        self.camera = camera
+        self.address = address
+        self.settings = settings
+        self.packet_tasks = packet_tasks
+        self.frame_tasks = frame_tasks
+        self.ca_file = ca_file
+        self.log = EventLogger("tunnel_agent.media").bind(camera=camera, source=address.display)
+        self.state = SourceState.CONNECTING
+        self.reason: str | None = None
+        self.counters: Counter[str] = Counter()
+        self.last_packet_at: float | None = None
+        self.keyframes_only = False
+        self._pacers = [SnapshotPacer(t.rate_per_s) for t in frame_tasks]
+        self._keyframe_rate = KeyframeRate()
+        self._backoff = Backoff(
+            settings.backoff_initial, settings.backoff_max, settings.stable_after
+        )
+        self._stop = threading.Event()
+        self._restart = threading.Event()
+        self._generation = 0
+        self._thread = threading.Thread(target=self._run, name=f"source-{camera}", daemon=True)
+
+    # -- control (any thread) -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(self.settings.watchdog + self.settings.open_timeout)
+
+    def check_watchdog(self, now: float) -> bool:
+        """Ask for a restart if packets stopped; True when it did (called periodically)."""
+        last = self.last_packet_at
+        if (
+            self.state is SourceState.RUNNING
+            and last is not None
+            and now - last > self.settings.watchdog
+        ):
+            if not self._restart.is_set():
+                self.counters["watchdog_restarts"] += 1
+                self.log.warning("media.source_stalled", silent_s=round(now - last, 1))
+                self._restart.set()
+            return True
+        return False
+
+    def status(self) -> dict[str, Any]:
+        age = (
+            None
+            if self.last_packet_at is None
+            else round(time.monotonic() - self.last_packet_at, 1)
+        )
+        return {
+            "state": self.state.value,
+            "reason": self.reason,
+            "last_packet_age_s": age,
+            "keyframes_only": self.keyframes_only,
+            **dict(self.counters),
+        }
+
+    # -- the worker thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self._set_state(SourceState.CONNECTING)
+            try:
+                self._stream()
+                reason = "source ended"
+            except SourceStalled:
+                reason = f"no packets for {self.settings.watchdog:g} s"
+            except Exception as exc:
+                reason = _describe(exc)
+            if self._stop.is_set():
+                break
+            self._backoff.ran_for(time.monotonic() - started)
+            delay = self._backoff.next_delay()
+            self.counters["reconnects"] += 1
+            self._set_state(SourceState.BACKING_OFF, reason, retry_in_s=round(delay, 1))
+            self._stop.wait(delay)
+        self._set_state(SourceState.STOPPED)
+
+    def _stream(self) -> None:
+        kind = self.address.kind
+        if kind is SourceKind.FOLDER:
+            self._stream_folder()
+        elif kind is SourceKind.FILE:
+            self._stream_file(self.address.open_url, loop=True)
+        else:
+            with self._open(self.address.open_url) as container:
+                self._demux(container, live=True)
+
+    def _open(self, url: str) -> av.container.InputContainer:
+        options: dict[str, str] = {}
+        container_format: str | None = None
+        kind = self.address.kind
+        if kind is SourceKind.RTSP:
+            options = {
+                "rtsp_transport": "tcp",
+                "timeout": str(int(self.settings.watchdog * 1_000_000)),
+            }
+            if url.startswith("rtsps://"):
+                options["tls_verify"] = "1"
+                if self.ca_file is not None:
+                    options["ca_file"] = str(self.ca_file)
+        elif kind is SourceKind.V4L2:
+            container_format = "v4l2"
+        self._restart.clear()
+        container: av.container.InputContainer = av.open(
+            url,
+            "r",
+            format=container_format,
+            options=options,
+            timeout=(self.settings.open_timeout, self.settings.watchdog),
+        )
+        return container
+
+    def _new_generation(self, stream: av.stream.Stream) -> int:
+        self._generation += 1
+        template = StreamTemplate(stream, self._generation)
+        for task in self.packet_tasks:
+            task.on_stream(template)
+        return self._generation
+
+    def _demux(
+        self,
+        container: av.container.InputContainer,
+        *,
+        live: bool,
+        offset: int = 0,
+        pace: bool = False,
+    ) -> int:
+        """Move packets until the source ends; return the last DTS seen (for file loops)."""
+        if not container.streams.video:
+            raise ValueError("the source has no video stream")
+        stream = container.streams.video[0]
+        if self.frame_tasks:
+            stream.thread_type = "AUTO"
+        generation = self._generation if offset else self._new_generation(stream)
+        validator = TimestampValidator()
+        paced_from: tuple[float, float] | None = None
+        last_dts = offset
+        for packet in container.demux(stream):
+            if self._stop.is_set():
+                break
+            if self._restart.is_set():
+                raise SourceStalled
+            if packet.dts is None:
+                continue
+            now = time.monotonic()
+            if self.state is not SourceState.RUNNING:
+                self._set_state(SourceState.RUNNING, codec=stream.codec_context.name, live=live)
+            self.last_packet_at = now
+            dts = packet.dts + offset
+            if not validator.is_valid(dts):
+                self.counters["packets_dropped_bad_timestamps"] += 1
+                continue
+            last_dts = dts
+            if pace:
+                seconds = float(dts * packet.time_base)
+                paced_from = paced_from or (now, seconds)
+                wait = paced_from[0] + (seconds - paced_from[1]) - now
+                if wait > 0 and self._stop.wait(wait):
+                    break
+            self.counters["packets"] += 1
+            if packet.is_keyframe:
+                self._keyframe_rate.keyframe(now)
+            if self.packet_tasks:
+                media = MediaPacket(
+                    data=bytes(packet),
+                    pts=packet.pts + offset if packet.pts is not None else None,
+                    dts=dts,
+                    time_base=packet.time_base,
+                    is_keyframe=packet.is_keyframe,
+                    generation=generation,
+                    captured_at=time.time(),
+                )
+                for task in self.packet_tasks:
+                    task.on_packet(media)
+            if self.frame_tasks:
+                self._decode(stream, packet)
+        return last_dts
+
+    def _decode(self, stream: av.stream.Stream, packet: av.Packet[Any]) -> None:
+        context = stream.codec_context
+        if packet.is_keyframe:
+            wanted = keyframes_suffice(
+                [t.rate_per_s for t in self.frame_tasks], self._keyframe_rate.per_second
+            )
+            if wanted != self.keyframes_only:
+                self.keyframes_only = wanted
+                context.skip_frame = "NONKEY" if wanted else "DEFAULT"
+                self.log.info("media.decode_policy", keyframes_only=wanted)
+        if self.keyframes_only and not packet.is_keyframe:
+            return
+        for frame in packet.decode():
+            assert isinstance(frame, av.video.frame.VideoFrame)
+            self.counters["frames_decoded"] += 1
+            self._deliver(frame, None, None)
+
+    def _deliver(
+        self, frame: av.video.frame.VideoFrame | None, image: bytes | None, image_format: str | None
+    ) -> None:
+        now = time.monotonic()
+        captured = CapturedFrame(datetime.now(UTC), frame, image, image_format)
+        for task, pacer in zip(self.frame_tasks, self._pacers, strict=True):
+            if pacer.due(now):
+                task.on_frame(captured)
+
+    def _stream_file(self, path: str, *, loop: bool) -> None:
+        """A media file, in real time; looped so that tasks see a continuous source."""
+        offset = 0
+        while not self._stop.is_set():
+            with self._open(path) as container:
+                last = self._demux(container, live=False, offset=offset, pace=True)
+            if not loop or last == offset:
+                return
+            offset = last + 1
+
+    def _stream_folder(self) -> None:
+        """Each image for ``folder_image_interval`` seconds, each video once; then again."""
+        assert self.address.path is not None
+        while not self._stop.is_set():
+            entries = list(_media_files(self.address.path))
+            if not entries:
+                raise ValueError(f"no images or videos in {self.address.path}")
+            for entry in entries:
+                if self._stop.is_set():
+                    return
+                if entry.suffix.lower() in IMAGE_SUFFIXES:
+                    self._show_image(entry)
+                else:
+                    self._stream_file(str(entry), loop=False)
+
+    def _show_image(self, path: Path) -> None:
+        with av.open(str(path), "r") as container:
+            frame = next(container.decode(video=0))
+        self.last_packet_at = time.monotonic()
+        if self.state is not SourceState.RUNNING:
+            self._set_state(SourceState.RUNNING, live=False)
+        self.counters["images"] += 1
+        self._deliver(frame, None, None)
+        self._stop.wait(self.settings.folder_image_interval)
+
+    def _set_state(self, state: SourceState, reason: str | None = None, **fields: Any) -> None:
+        if state is self.state and reason == self.reason and state is not SourceState.CONNECTING:
+            return
+        self.state, self.reason = state, reason
+        log = self.log.warning if state is SourceState.BACKING_OFF else self.log.info
+        log("media.source_state", state=state.value, reason=reason, **fields)
+
+
+def _media_files(folder: Path) -> Iterator[Path]:
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
+            yield path
+
+
+def _describe(exc: BaseException) -> str:
+    """A reason for logs: FFmpeg messages quote the URL, which may carry credentials."""
+    return redact_text(f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,133 @@
+"""snapshot-to-fs and snapshot-to-mqtt: encode paced frames as images and deliver them."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import av
+
+from tunnel_agent.media.backoff import Backoff
+from tunnel_agent.media.encode import CONTENT_TYPES, ImageEncoder
+from tunnel_agent.media.files import (
+    Retention,
+    final_name,
+    free_bytes,
+    low_disk_reason,
+    prepare_folder,
+    remove_stale_temporaries,
+    stored_files,
+    write_atomically,
+)
+from tunnel_agent.media.mqtt import OutgoingMessage
+from tunnel_agent.media.packets import CapturedFrame
+from tunnel_agent.media.settings import StreamSettings
+from tunnel_agent.media.tasks.base import FrameTask, TaskError
+
+EXTENSIONS = {"jpeg": "jpg", "png": "png", "bmp": "bmp", "tiff": "tiff"}
+
+
+def image_bytes(captured: CapturedFrame, encoder: ImageEncoder) -> bytes:
+    """The capture in the encoder's format: passed through when it already is, else (re)encoded."""
+    if captured.image is not None:
+        if captured.image_format == encoder.image_format:
+            return captured.image
+        with av.open(io.BytesIO(captured.image), "r") as container:
+            frame = next(container.decode(video=0))
+        return encoder.encode(frame)
+    if captured.frame is None:
+        raise TaskError("nothing to encode")
+    return encoder.encode(captured.frame)
+
+
+class SnapshotToFs(FrameTask):
+    def __init__(self, camera: str, settings: StreamSettings, backoff: Backoff) -> None:
+        super().__init__(camera, settings, backoff)
+        assert settings.path is not None
+        self.folder: Path = settings.path
+        self.image_format = settings.image_format
+        self.encoder = ImageEncoder(self.image_format)
+        self.extension = EXTENSIONS[self.image_format]
+        self.retention = Retention(settings.max_age, settings.max_files, settings.max_bytes)
+        self._prepared = False
+        self._sequence = 0
+
+    def handle(self, item: CapturedFrame) -> None:
+        if not self._prepared:
+            try:
+                prepare_folder(self.folder)
+                for stale in remove_stale_temporaries(self.folder):
+                    self.log.info("media.stale_temporary_removed", file=str(stale))
+            except OSError as exc:
+                raise TaskError(f"cannot write to {self.folder}: {exc.strerror or exc}") from None
+            self._prepared = True
+        free = free_bytes(self.folder)
+        if free < self.settings.min_free_bytes:
+            self.counters["skipped_low_disk"] += 1
+            self.pause(low_disk_reason(free, self.settings.min_free_bytes))
+            return
+        data = image_bytes(item, self.encoder)
+        self._sequence += 1
+        target = self.folder / final_name(item.captured_at, self._sequence, self.extension)
+        try:
+            write_atomically(target, data)
+        except OSError as exc:
+            self._prepared = False
+            raise TaskError(f"cannot write {target.name}: {exc.strerror or exc}") from None
+        self.counters["snapshots"] += 1
+        self.counters["bytes_written"] += len(data)
+        self.running()
+        self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        for doomed in self.retention.to_delete(
+            stored_files(self.folder, self.extension), time.time()
+        ):
+            doomed.path.unlink(missing_ok=True)
+            self.counters["deleted_by_retention"] += 1
+
+    def reset(self) -> None:
+        self._prepared = False
+
+
+class SnapshotToMqtt(FrameTask):
+    def __init__(
+        self,
+        camera: str,
+        settings: StreamSettings,
+        backoff: Backoff,
+        publish: Callable[[OutgoingMessage], None],
+    ) -> None:
+        super().__init__(camera, settings, backoff)
+        self.publish = publish
+        self.image_format = settings.image_format
+        self.encoder = ImageEncoder(self.image_format)
+        self.topic = settings.topic_for(camera)
+        self._sequence = 0
+
+    def handle(self, item: CapturedFrame) -> None:
+        data = image_bytes(item, self.encoder)
+        self._sequence += 1
+        self.publish(
+            OutgoingMessage(
+                topic=self.topic,
+                payload=data,
+                qos=self.settings.qos,
+                retain=self.settings.retain,
+                expiry_s=self.settings.ttl or None,
+                content_type=CONTENT_TYPES[self.image_format],
+                user_properties=(
+                    (
+                        "capturedAt",
+                        item.captured_at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                    ),
+                    ("sequence", str(self._sequence)),
+                    ("camera", self.camera),
+                    ("stream", self.name),
+                ),
+            )
+        )
+        self.counters["snapshots"] += 1
+        self.running()

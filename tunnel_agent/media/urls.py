@@ -1,0 +1,89 @@
+"""Media source URLs: what kind of source, how to open it, and how to show it safely."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+
+class SourceKind(enum.Enum):
+    RTSP = "rtsp"
+    HTTP_SNAPSHOT = "http"
+    FILE = "file"
+    FOLDER = "folder"
+    V4L2 = "v4l2"
+
+
+class InvalidSource(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SourceAddress:
+    """A parsed camera ``url``. ``open_url`` carries credentials; ``display`` never does."""
+
+    kind: SourceKind
+    open_url: str = field(repr=False)
+    display: str
+    path: Path | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+def parse_source(
+    url: str, username: str | None = None, password: str | None = None
+) -> SourceAddress:
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme in ("rtsp", "rtsps", "http", "https"):
+        if not parts.hostname:
+            raise InvalidSource(f"{scheme} URL without a host")
+        user = (
+            username
+            if username is not None
+            else (unquote(parts.username) if parts.username else None)
+        )
+        secret = (
+            password
+            if password is not None
+            else (unquote(parts.password) if parts.password else None)
+        )
+        kind = SourceKind.RTSP if scheme.startswith("rtsp") else SourceKind.HTTP_SNAPSHOT
+        open_url = with_credentials(url.strip(), user, secret)
+        return SourceAddress(kind, open_url, redact_url(url), None, user, secret)
+    if scheme == "file":
+        path = Path(unquote(parts.path))
+        if not path.is_absolute():
+            raise InvalidSource("file URL needs an absolute path: file:///path")
+        if str(path).startswith("/dev/"):
+            return SourceAddress(SourceKind.V4L2, str(path), f"file://{path}", path)
+        if url.endswith("/"):
+            return SourceAddress(SourceKind.FOLDER, str(path), f"file://{path}/", path)
+        return SourceAddress(SourceKind.FILE, str(path), f"file://{path}", path)
+    raise InvalidSource("url must be rtsp://, rtsps://, http(s)://, or file:///")
+
+
+def with_credentials(url: str, username: str | None, password: str | None) -> str:
+    """``url`` with ``username:password@`` in its authority (percent-encoded)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    if username:
+        auth = quote(username, safe="")
+        if password:
+            auth += ":" + quote(password, safe="")
+        netloc = f"{auth}@{netloc}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password and query string, for logs and errors."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in userinfo else f"{user}@{host}"
+    query = "***" if parts.query else ""
+    return urlunsplit(parts._replace(netloc=netloc, query=query, fragment=""))
