@@ -224,3 +224,24 @@ async def test_idle_timeout_and_max_lifetime(
     assert life.close_reason == "max lifetime reached"
     await servers.call(asyncio.wait_for(life_session.finished.wait(), CLOSE_BOUND_S))
     assert life_session.close_code == 1001
+
+
+async def test_a_close_right_after_the_handshake_closes_everything(
+    ca: LocalCA, endpoint: TunnelEndpoint, servers: ThreadLoop, stub: TcpCamera
+) -> None:
+    """The CLOSE can arrive in the same read as the upgrade answer, before the tunnel starts."""
+
+    async def close_at_once(ws: web.WebSocketResponse, session: Session) -> None:
+        await ws.close(code=1000)
+
+    service = service_for(ca, stub.port)
+    tunnels = []
+    for _ in range(10):
+        session = await servers.call(endpoint.new_session(handler=close_at_once))
+        tunnels.append(await open_via(service, endpoint, session, stub.port))
+
+    for tunnel in tunnels:
+        await asyncio.wait_for(asyncio.shield(tunnel.closed), CLOSE_BOUND_S)
+        assert tunnel.ws is not None and tunnel.ws.is_disconnected
+    assert service.registry.open_tunnels == []
+    assert await stub.all_closed(CLOSE_BOUND_S)
