@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("name")
     add.add_argument("--state", type=Path, dest="add_state", help="state folder, as for devhub")
 
+    snapshot = commands.add_parser("snapshot", help="take one image from a configured camera")
+    _add_config(snapshot)
+    snapshot.add_argument("--camera", required=True, help="camera name from the configuration")
+    snapshot.add_argument(
+        "-o", "--output", type=Path, required=True, help="image file (.jpg .png .bmp .tiff)"
+    )
+
     demo = commands.add_parser("demo", help="run camera, agent, emulator and relay here")
     demo.add_argument("--seconds", type=float, default=10.0, help="how long to play (default 10)")
     demo.add_argument("--keep-running", action="store_true", help="leave it all up until Ctrl-C")
@@ -76,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.devhub_command == "add-device":
             return add_device(state, args.name, args.address_block, sys.stdout)
         return run_devhub(state, args.rest, args.address_block, sys.stdout)
+    if args.command == "snapshot":
+        return _snapshot(args.config, args.camera, args.output)
     if args.command == "demo":
         from tunnel_agent.demo import run_demo
 
@@ -119,6 +128,31 @@ def _relay(config: Path | None) -> int:
 
 
 RELAY_PATH_KEYS = (("relay", "cert_file"), ("relay", "key_file"), ("iothub", "ca_file"))
+
+
+def _snapshot(config: Path | None, camera_name: str, output: Path) -> int:
+    from tunnel_agent.logs import redact_text
+    from tunnel_agent.media.oneshot import SnapshotFailed, take_snapshot
+
+    settings = _load(config)
+    if settings is None:
+        return EXIT_CONFIG
+    camera = next((c for c in settings.cameras if c.name == camera_name), None)
+    if camera is None:
+        names = ", ".join(c.name for c in settings.cameras) or "none"
+        print(
+            f"tunnel-agent snapshot: no camera {camera_name!r} (configured: {names})",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    try:
+        width, height = take_snapshot(camera, settings.media, output)
+    except (SnapshotFailed, OSError, ValueError) as exc:
+        message = redact_text(f"{type(exc).__name__}: {exc}")
+        print(f"tunnel-agent snapshot: {message}", file=sys.stderr)
+        return 1
+    print(f"{output} ({width}x{height})")
+    return 0
 
 
 def _run(config: Path | None) -> int:

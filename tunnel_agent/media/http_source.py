@@ -101,26 +101,12 @@ class HttpSnapshotSource:
         }
 
     async def run(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=self.settings.open_timeout)
-        digest = False
-        while True:
-            middlewares: tuple[Any, ...] = ()
-            auth = None
-            if self.username is not None:
-                if digest:
-                    middlewares = (
-                        aiohttp.DigestAuthMiddleware(self.username, self.password or ""),
-                    )
-                else:
-                    auth = aiohttp.BasicAuth(self.username, self.password or "")
-            async with aiohttp.ClientSession(
-                timeout=timeout, auth=auth, middlewares=middlewares
-            ) as session:
+        async with HttpImageFetcher(
+            self.url, self.username, self.password, self.settings.open_timeout
+        ) as fetcher:
+            while True:
                 try:
-                    await self._poll(session)
-                except _WantsDigest:
-                    digest = True
-                    continue
+                    await self._poll(fetcher)
                 except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                     delay = self._backoff.next_delay()
                     self.counters["failures"] += 1
@@ -131,24 +117,11 @@ class HttpSnapshotSource:
                     )
                     await asyncio.sleep(delay)
 
-    async def _poll(self, session: aiohttp.ClientSession) -> None:
+    async def _poll(self, fetcher: HttpImageFetcher) -> None:
         started = time.monotonic()
         while True:
             tick = time.monotonic()
-            async with session.get(self.url) as response:
-                if (
-                    response.status == 401
-                    and "digest" in response.headers.get("WWW-Authenticate", "").lower()
-                ) and session.auth is not None:
-                    raise _WantsDigest
-                if response.status != 200:
-                    raise ValueError(f"HTTP {response.status}")
-                data = await response.content.read(MAX_IMAGE_BYTES + 1)
-                if len(data) > MAX_IMAGE_BYTES:
-                    raise ValueError("image larger than 32 MiB")
-                image_format = sniff_format(data, response.headers.get("Content-Type"))
-            if image_format is None:
-                raise ValueError("the URL did not return an image")
+            data, image_format = await fetcher.fetch()
             now = time.monotonic()
             self.last_packet_at = now
             self.counters["images"] += 1
@@ -169,8 +142,58 @@ class HttpSnapshotSource:
         log("media.source_state", state=state.value, reason=reason, **fields)
 
 
-class _WantsDigest(Exception):
-    pass
+class HttpImageFetcher:
+    """GETs an image URL with a deadline, answering a Basic or a Digest challenge as asked."""
+
+    def __init__(
+        self, url: str, username: str | None, password: str | None, timeout_s: float
+    ) -> None:
+        self.url = _without_credentials(url)
+        self.username, self.password = username, password
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._digest = False
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> HttpImageFetcher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        middlewares: tuple[Any, ...] = ()
+        auth = None
+        if self.username is not None:
+            if self._digest:
+                middlewares = (aiohttp.DigestAuthMiddleware(self.username, self.password or ""),)
+            else:
+                auth = aiohttp.BasicAuth(self.username, self.password or "")
+        return aiohttp.ClientSession(timeout=self.timeout, auth=auth, middlewares=middlewares)
+
+    async def fetch(self) -> tuple[bytes, str]:
+        """(image bytes, format); ValueError for anything that is not an image."""
+        for _ in range(2):
+            if self._session is None:
+                self._session = self._open_session()
+            async with self._session.get(self.url) as response:
+                challenge = response.headers.get("WWW-Authenticate", "").lower()
+                if response.status == 401 and "digest" in challenge and not self._digest:
+                    self._digest = True
+                    await self._session.close()
+                    self._session = None
+                    continue
+                if response.status != 200:
+                    raise ValueError(f"HTTP {response.status}")
+                data = await response.content.read(MAX_IMAGE_BYTES + 1)
+                content_type = response.headers.get("Content-Type")
+            if len(data) > MAX_IMAGE_BYTES:
+                raise ValueError("image larger than 32 MiB")
+            image_format = sniff_format(data, content_type)
+            if image_format is None:
+                raise ValueError("the URL did not return an image")
+            return data, image_format
+        raise ValueError("HTTP 401")
 
 
 def _without_credentials(url: str) -> str:
