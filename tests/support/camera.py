@@ -37,6 +37,7 @@ class RtspCamera:
             args += ["--record-path", record_path]
         args += extra or []
         env = {"RTSP_CAMERA_PASSWORD": password} if password else None
+        folder.mkdir(parents=True, exist_ok=True)
         self.process = ManagedProcess(args, folder / f"camera-{self.port}.log", env=env)
         self.process.wait_for(lambda out: "READY" in out, timeout_s=20)
 

@@ -185,15 +185,23 @@ class HttpImageFetcher:
                     continue
                 if response.status != 200:
                     raise ValueError(f"HTTP {response.status}")
-                data = await response.content.read(MAX_IMAGE_BYTES + 1)
+                data = await _read_body(response, MAX_IMAGE_BYTES)
                 content_type = response.headers.get("Content-Type")
-            if len(data) > MAX_IMAGE_BYTES:
-                raise ValueError("image larger than 32 MiB")
             image_format = sniff_format(data, content_type)
             if image_format is None:
                 raise ValueError("the URL did not return an image")
             return data, image_format
         raise ValueError("HTTP 401")
+
+
+async def _read_body(response: aiohttp.ClientResponse, limit_bytes: int) -> bytes:
+    """The whole body (``content.read(n)`` may return less), refusing more than the limit."""
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > limit_bytes:
+            raise ValueError(f"image larger than {limit_bytes // 2**20} MiB")
+    return bytes(body)
 
 
 def _without_credentials(url: str) -> str:

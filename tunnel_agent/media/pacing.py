@@ -60,7 +60,7 @@ class KeyframeRate:
 
     @property
     def per_second(self) -> float | None:
-        if len(self._times) < 3:
+        if len(self._times) < 2:
             return None
         span = self._times[-1] - self._times[0]
         return (len(self._times) - 1) / span if span > 0 else None

@@ -196,7 +196,7 @@ class CameraSource:
         offset: int = 0,
         pace: bool = False,
     ) -> int:
-        """Move packets until the source ends; return the last DTS seen (for file loops)."""
+        """Move packets until the source ends; return where a following loop's DTS should start."""
         if not container.streams.video:
             raise ValueError("the source has no video stream")
         stream = container.streams.video[0]
@@ -221,7 +221,7 @@ class CameraSource:
             if not validator.is_valid(dts):
                 self.counters["packets_dropped_bad_timestamps"] += 1
                 continue
-            last_dts = dts
+            last_dts = dts + max(int(packet.duration or 0), 1)
             if pace:
                 seconds = float(dts * packet.time_base)
                 paced_from = paced_from or (now, seconds)
@@ -281,7 +281,7 @@ class CameraSource:
                 last = self._demux(container, live=False, offset=offset, pace=True)
             if not loop or last == offset:
                 return
-            offset = last + 1
+            offset = last
 
     def _stream_folder(self) -> None:
         """Each image for ``folder_image_interval`` seconds, each video once; then again."""

@@ -23,7 +23,7 @@ import gi
 
 gi.require_version("Gst", "1.0")
 gi.require_version("GstRtspServer", "1.0")
-from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
+from gi.repository import Gio, GLib, Gst, GstRtspServer  # noqa: E402
 
 LIVE_SOURCE = (
     "videotestsrc is-live=true pattern={pattern} ! "
@@ -74,14 +74,22 @@ def require_basic_auth(
     password: str,
 ) -> None:
     auth = GstRtspServer.RTSPAuth()
-    token = GstRtspServer.RTSPToken()
-    token.set_string(GstRtspServer.RTSP_TOKEN_MEDIA_FACTORY_ROLE, "user")
-    auth.add_basic(GstRtspServer.RTSPAuth.make_basic(user, password), token)
+    auth.add_basic(GstRtspServer.RTSPAuth.make_basic(user, password), _token("user"))
     server.set_auth(auth)
+    _allow(factories, "user")
+
+
+def _token(role: str) -> GstRtspServer.RTSPToken:
+    token = GstRtspServer.RTSPToken()
+    token.set_string(GstRtspServer.RTSP_TOKEN_MEDIA_FACTORY_ROLE, role)
+    return token
+
+
+def _allow(factories: list[GstRtspServer.RTSPMediaFactory], role: str) -> None:
     permissions = GstRtspServer.RTSPPermissions()
-    permissions.add_role("user")
-    permissions.add_permission_for_role("user", "media.factory.access", True)
-    permissions.add_permission_for_role("user", "media.factory.construct", True)
+    permissions.add_role(role)
+    permissions.add_permission_for_role(role, "media.factory.access", True)
+    permissions.add_permission_for_role(role, "media.factory.construct", True)
     for factory in factories:
         factory.set_permissions(permissions)
 
@@ -129,13 +137,13 @@ def main(argv: list[str]) -> int:
         require_basic_auth(server, factories, args.user, password or "")
 
     if args.tls_cert:
-        auth = server.get_auth() or GstRtspServer.RTSPAuth()
-        from gi.repository import Gio
-
+        auth = server.get_auth()
+        if auth is None:  # TLS without users: everyone may play and record
+            auth = GstRtspServer.RTSPAuth()
+            auth.set_default_token(_token("anonymous"))
+            _allow(factories, "anonymous")
         auth.set_tls_certificate(Gio.TlsCertificate.new_from_file(args.tls_cert))
         server.set_auth(auth)
-        for factory in factories:
-            factory.set_profiles(GstRtspServer.RTSPProfile.SAVP | GstRtspServer.RTSPProfile.AVP)
 
     if server.attach(None) == 0:
         print(f"ERROR cannot listen on {args.host}:{args.port}", flush=True)
