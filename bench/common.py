@@ -130,10 +130,14 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 class Rig:
-    """A scratch folder, a local CA, the hub (mosquitto + service link) and the processes."""
+    """A scratch folder, a local CA, the hub (mosquitto + service link) and the processes.
 
-    def __init__(self, name: str) -> None:
+    ``hub=False`` leaves the hub out (media-only agents need none).
+    """
+
+    def __init__(self, name: str, *, hub: bool = True) -> None:
         self.name = name
+        self.with_hub = hub
         self.folder = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
         self.children: list[Child] = []
         self.agents: list[AgentRunner] = []
@@ -145,6 +149,8 @@ class Rig:
     def __enter__(self) -> Rig:
         signal.signal(signal.SIGTERM, _interrupt)
         signal.signal(signal.SIGHUP, _interrupt)
+        if not self.with_hub:
+            return self
         try:
             self.servers = ThreadLoop("bench-hub")
             self.hub_harness = HubHarness(self.folder, self.ca, self.servers, device_id="bench")

@@ -6,12 +6,24 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Mapping
+from typing import Any
 
 from tunnel_agent import __version__
 from tunnel_agent.config.settings import AgentSettings, CameraSettings
 from tunnel_agent.hub.link import HubLink
 from tunnel_agent.logs import SECRETS, EventLogger
+from tunnel_agent.media.desired import (
+    ACCEPTED,
+    PROPERTY,
+    REFUSED,
+    DesiredError,
+    acknowledgement,
+    parse_desired_streams,
+)
 from tunnel_agent.media.service import MediaService
+from tunnel_agent.observability.metrics import AgentMetrics
+from tunnel_agent.observability.server import ObservabilityServer
+from tunnel_agent.observability.twin import TwinReporter
 from tunnel_agent.tunnel.connect import ConnectOptions, tls_context
 from tunnel_agent.tunnel.contract import TUNNEL_OPEN_METHOD
 from tunnel_agent.tunnel.errors import unknown_method
@@ -81,14 +93,36 @@ def build_tunnel_service(settings: AgentSettings, environ: Mapping[str, str]) ->
 
 
 class Agent:
+    """The device agent: tunnels on request from the hub, media tasks, observability, twin."""
+
     def __init__(self, settings: AgentSettings, environ: Mapping[str, str] | None = None) -> None:
         self.settings = settings
         self.log = EventLogger("tunnel_agent.agent")
         self.tunnels = build_tunnel_service(settings, os.environ if environ is None else environ)
+        self.media = MediaService(settings)
         self.hub = (
-            HubLink(settings.hub, settings.proxy.address, self.dispatch) if settings.hub else None
+            HubLink(
+                settings.hub,
+                settings.proxy.address,
+                self.dispatch,
+                desired_handler=self.on_desired,
+            )
+            if settings.hub
+            else None
         )
-        self.media = MediaService(settings) if any(c.streams for c in settings.cameras) else None
+        self.metrics = AgentMetrics(self)
+        observability = settings.observability
+        self.http = (
+            ObservabilityServer(self, self.metrics, observability.listen)
+            if observability.enabled
+            else None
+        )
+        self.twin = (
+            TwinReporter(self, self.hub, observability.twin_report_interval) if self.hub else None
+        )
+        self._configured_streams = {c.name: list(c.streams) for c in settings.cameras}
+        self._desired_lock = asyncio.Lock()
+        self._applied_desired: Any = None
 
     async def dispatch(self, method: str, payload: object) -> MethodResult:
         if method == TUNNEL_OPEN_METHOD:
@@ -96,6 +130,37 @@ class Agent:
         error = unknown_method(method)
         self.log.warning("hub.unknown_method", method=method[:64])
         return MethodResult(error.status, error.body())
+
+    async def on_desired(self, desired: dict[str, Any], whole_document: bool) -> None:
+        """Apply the ``mediaStreams`` writable property and acknowledge it (IoT PnP convention)."""
+        if PROPERTY not in desired:
+            return
+        value, version = desired[PROPERTY], int(desired.get("$version", 0))
+        async with self._desired_lock:
+            if whole_document and value == self._applied_desired:
+                return  # reconnected: nothing changed while away
+            try:
+                if value is None:
+                    changes = dict(self._configured_streams)
+                    description = "removed: streams from the configuration file restored"
+                else:
+                    changes = parse_desired_streams(
+                        value, self.media.camera_settings, self.settings.mqtt is not None
+                    )
+                    description = "applied to " + (", ".join(changes) or "no camera")
+            except DesiredError as exc:
+                self.log.warning("twin.desired_refused", version=version, reason=str(exc))
+                self._acknowledge(value, REFUSED, version, str(exc))
+                return
+            for camera, streams in changes.items():
+                await self.media.replace_streams(camera, streams)
+            self._applied_desired = value
+            self.log.info("twin.desired_applied", version=version, cameras=",".join(changes) or "-")
+            self._acknowledge(value, ACCEPTED, version, description)
+
+    def _acknowledge(self, value: Any, code: int, version: int, description: str) -> None:
+        if self.twin is not None:
+            self.twin.send_soon(acknowledgement(value, code, version, description))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then: refuse new tunnels, close open ones, disconnect."""
@@ -108,16 +173,23 @@ class Agent:
             hub="on" if self.hub else "off",
             media_streams=sum(len(c.streams) for c in self.settings.cameras),
         )
-        hub_stop, media_stop = asyncio.Event(), asyncio.Event()
+        if self.http is not None:
+            await self.http.start()
+        hub_stop, media_stop, twin_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
         hub_task = asyncio.create_task(self.hub.run(hub_stop)) if self.hub else None
-        media_task = asyncio.create_task(self.media.run(media_stop)) if self.media else None
+        media_task = asyncio.create_task(self.media.run(media_stop))
+        twin_task = asyncio.create_task(self.twin.run(twin_stop)) if self.twin else None
         try:
             await stop.wait()
         finally:
+            twin_stop.set()
             media_stop.set()
+            if twin_task is not None:
+                await twin_task
             await self._shutdown(hub_stop, hub_task)
-            if media_task is not None:
-                await media_task
+            await media_task
+            if self.http is not None:
+                await self.http.stop()
 
     async def _shutdown(self, hub_stop: asyncio.Event, hub_task: asyncio.Task[None] | None) -> None:
         registry = self.tunnels.registry

@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from tunnel_agent import __version__
 from tunnel_agent.config import AgentSettings, ConfigError, load_settings
@@ -29,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the device agent")
     _add_config(run)
+    run.add_argument("--log-format", choices=["text", "json"], help="overrides [log] format")
+
+    status = commands.add_parser("status", help="show a running agent's tunnels and media tasks")
+    _add_config(status)
+    status.add_argument("--url", help="the agent's observability URL (default: from the config)")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
     check = commands.add_parser(
         "check", help="validate the configuration and reach each camera port"
     )
@@ -69,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
-        return _run(args.config)
+        return _run(args.config, args.log_format)
+    if args.command == "status":
+        return _status(args.config, args.url, args.json)
     if args.command == "check":
         from tunnel_agent.check import run_check
 
@@ -155,11 +164,25 @@ def _snapshot(config: Path | None, camera_name: str, output: Path) -> int:
     return 0
 
 
-def _run(config: Path | None) -> int:
+def _status(config: Path | None, url: str | None, as_json: bool) -> int:
+    from tunnel_agent.observability.status_cli import run_status
+
+    if url is None:
+        settings = _load(config)
+        if settings is None:
+            return EXIT_CONFIG
+        url = f"http://{settings.observability.listen}"
+    return run_status(url, sys.stdout, as_json)
+
+
+def _run(config: Path | None, log_format: str | None = None) -> int:
     settings = _load(config)
     if settings is None:
         return EXIT_CONFIG
-    configure_logging(settings.log.level, settings.log.format)
+    chosen: Literal["text", "json"] = settings.log.format
+    if log_format in ("text", "json"):
+        chosen = "json" if log_format == "json" else "text"
+    configure_logging(settings.log.level, chosen)
     from tunnel_agent.agent import Agent
 
     async def run() -> None:

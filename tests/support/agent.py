@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support import toml_writer
+from tests.support.net import free_port
 from tests.support.processes import ManagedProcess
 
 _EVENT = re.compile(r"^\S+ (?P<level>[A-Z]+) (?P<logger>\S+) (?P<event>\S+)(?P<fields>.*)$")
@@ -30,6 +31,9 @@ class AgentRunner:
         self, folder: Path, config: dict[str, Any], env: dict[str, str] | None = None
     ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
+        if "observability" not in config:  # agents run side by side in tests: no fixed port
+            config = {**config, "observability": {"listen": f"127.0.0.1:{free_port()}"}}
+        self.observability_url = f"http://{config['observability'].get('listen', '127.0.0.1:9400')}"
         self.config_file = folder / "agent.toml"
         self.config_file.write_text(toml_writer.dumps(config))
         self.process = ManagedProcess(

@@ -4,9 +4,25 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port``; ValueError with the reason otherwise."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("use host:port, e.g. 127.0.0.1:8554")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _check_listen(value: str) -> str:
+    split_host_port(value)
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_check_listen)]
 
 
 class Section(BaseModel):

@@ -22,7 +22,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from tunnel_agent.config.base import Port, Section
+from tunnel_agent.config.base import HostPort, Port, Section
 from tunnel_agent.config.proxy import InvalidProxy, ProxyAddress, parse_proxy_url
 from tunnel_agent.hub.connection_string import (
     DEVICE_REQUIRED,
@@ -196,6 +196,14 @@ class CameraSettings(Section):
         return value
 
 
+class ObservabilitySettings(Section):
+    """The health, readiness, metrics and status endpoint, and device twin reporting."""
+
+    enabled: bool = True
+    listen: HostPort = "127.0.0.1:9400"
+    twin_report_interval: Annotated[float, Field(ge=1, le=3600)] = 5.0
+
+
 class LogSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -217,6 +225,7 @@ class AgentSettings(BaseSettings):
     cameras: list[CameraSettings] = []
     mqtt: MqttSettings | None = None
     media: MediaSettings = MediaSettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
     log: LogSettings = LogSettings()
 
     @model_validator(mode="after")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from azure.iot.device import MethodRequest, MethodResponse
@@ -28,6 +28,8 @@ from tunnel_agent.logs import EventLogger
 from tunnel_agent.tunnel.service import MethodResult
 
 MethodHandler = Callable[[str, object], Awaitable[MethodResult]]
+# Desired properties: the whole desired document after (re)connecting, then each patch.
+DesiredHandler = Callable[[dict[str, Any], bool], Coroutine[Any, Any, None]]
 STATE_POLL_S = 1.0
 
 
@@ -41,8 +43,10 @@ class HubLink:
         handler: MethodHandler,
         *,
         backoff_initial_s: float = 1.0,
+        desired_handler: DesiredHandler | None = None,
     ) -> None:
         self.settings = settings
+        self.desired_handler = desired_handler
         self.proxy = proxy
         self.handler = handler
         self.backoff_initial_s = backoff_initial_s
@@ -128,13 +132,47 @@ class HubLink:
                 await asyncio.to_thread(
                     setattr, client, "on_method_request_received", self._on_method_request
                 )
+                if self.desired_handler is not None:
+                    await asyncio.to_thread(
+                        setattr,
+                        client,
+                        "on_twin_desired_properties_patch_received",
+                        self._on_desired_patch,
+                    )
         except BaseException:
             await self._shutdown(client)
             raise
         self.identity = identity
         self._client = client
         self._set_connected(True, client)
+        if self.desired_handler is not None:
+            self._spawn(self._sync_desired(client))
         return client
+
+    async def _sync_desired(self, client: IoTHubDeviceClient) -> None:
+        """Patches may have been missed while offline: start from the whole desired document."""
+        try:
+            async with asyncio.timeout(self.settings.operation_timeout):
+                twin = await client.get_twin()
+        except Exception as exc:
+            self.log.warning("hub.twin_read_failed", error=_describe(exc))
+            return
+        desired = twin.get("desired") if isinstance(twin, dict) else None
+        if isinstance(desired, dict) and self.desired_handler is not None:
+            await self.desired_handler(desired, True)
+
+    async def report(self, patch: dict[str, Any]) -> bool:
+        """Send reported properties; False if the link is down or the hub did not confirm."""
+        client = self._client
+        if client is None or not self.connected:
+            return False
+        try:
+            async with asyncio.timeout(self.settings.operation_timeout):
+                await client.patch_twin_reported_properties(patch)
+        except Exception as exc:
+            self.log.warning("hub.twin_report_failed", error=_describe(exc))
+            return False
+        return True
 
     def _auth_kind(self) -> str:
         if self.settings.connection_string is not None:
@@ -202,6 +240,12 @@ class HubLink:
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._state_changed.set)
 
+    def _on_desired_patch(self, patch: dict[str, Any]) -> None:
+        loop = self._loop
+        handler = self.desired_handler
+        if loop is not None and handler is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(lambda: self._spawn(handler(patch, False)))
+
     def _on_method_request(self, request: MethodRequest) -> None:
         loop = self._loop
         client = self._client
@@ -211,7 +255,10 @@ class HubLink:
     # -- answering (our loop) -----------------------------------------------------------------
 
     def _start_answer(self, client: IoTHubDeviceClient, request: MethodRequest) -> None:
-        task = asyncio.get_running_loop().create_task(self._answer(client, request))
+        self._spawn(self._answer(client, request))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._answering.add(task)
         task.add_done_callback(self._answering.discard)
 

@@ -122,28 +122,51 @@ class MediaService:
             MqttPublisher(settings.mqtt, _backoff(settings.media)) if settings.mqtt else None
         )
         self.cameras: list[CameraMedia] = []
+        self.camera_settings = {camera.name: camera for camera in settings.cameras}
         for camera in settings.cameras:
-            if not camera.streams:
-                continue
-            try:
-                self.cameras.append(CameraMedia(camera, settings.media, self._publish))
-            except InvalidSource as exc:
-                self.log.error("media.camera_refused", camera=camera.name, reason=str(exc))
+            self._add(camera)
         self._tasks: list[asyncio.Task[None]] = []
+        self._running = False
+
+    def _add(self, camera: CameraSettings) -> CameraMedia | None:
+        if not camera.streams:
+            return None
+        try:
+            media = CameraMedia(camera, self.settings.media, self._publish)
+        except InvalidSource as exc:
+            self.log.error("media.camera_refused", camera=camera.name, reason=str(exc))
+            return None
+        self.cameras.append(media)
+        return media
+
+    async def replace_streams(self, camera_name: str, streams: list[StreamSettings]) -> None:
+        """Run ``streams`` on the camera instead of what it runs now; tunnels are not touched."""
+        for old in [c for c in self.cameras if c.camera.name == camera_name]:
+            self.cameras.remove(old)
+            await old.stop()
+        updated = self.camera_settings[camera_name].model_copy(update={"streams": streams})
+        self.camera_settings[camera_name] = updated
+        started = self._add(updated)
+        if started is not None and self._running:
+            started.start()
+        self.log.info(
+            "media.streams_replaced",
+            camera=camera_name,
+            streams=",".join(s.name for s in streams) or "-",
+        )
 
     def _publish(self, message: OutgoingMessage) -> None:
         if self.publisher is not None:
             self.publisher.offer(message)
 
     async def run(self, stop: asyncio.Event) -> None:
-        if not self.cameras:
-            return
         loop = asyncio.get_running_loop()
         if self.publisher is not None:
             self._tasks.append(loop.create_task(self.publisher.run()))
             await asyncio.sleep(0)  # let the publisher bind to this loop before tasks offer to it
         for camera in self.cameras:
             camera.start()
+        self._running = True
         self.log.info(
             "media.started",
             cameras=len(self.cameras),
@@ -180,6 +203,7 @@ class MediaService:
             )
 
     async def _stop(self) -> None:
+        self._running = False
         await asyncio.gather(*(camera.stop() for camera in self.cameras))
         for task in self._tasks:
             task.cancel()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from tunnel_agent.logs import SECRETS, EventLogger
 from tunnel_agent.tunnel.connect import ConnectOptions, connect_tunnel
@@ -34,6 +34,23 @@ def new_tunnel_id() -> str:
     return secrets.token_hex(6)
 
 
+class TunnelObserver(Protocol):
+    """Told about every answer and every closed tunnel (metrics, twin reporting)."""
+
+    def answered(self, status: int, seconds: float) -> None: ...
+
+    def closed(self, tunnel: Tunnel) -> None: ...
+
+
+@dataclass
+class TunnelTotals:
+    """What finished tunnels carried; live tunnels' counters are read from the registry."""
+
+    bytes_to_remote: int = 0
+    bytes_to_camera: int = 0
+    closed: int = 0
+
+
 class TunnelService:
     def __init__(
         self,
@@ -47,6 +64,8 @@ class TunnelService:
         self.options = options
         self.registry = registry
         self.log = EventLogger("tunnel_agent.tunnel")
+        self.totals = TunnelTotals()
+        self.observers: list[TunnelObserver] = []
 
     async def tunnel_open(self, payload: object) -> MethodResult:
         started = time.monotonic()
@@ -71,7 +90,7 @@ class TunnelService:
                 message=error.message,
                 took_ms=_ms_since(started),
             )
-            return MethodResult(error.status, error.body())
+            return self._answer(MethodResult(error.status, error.body()), started)
         except Exception as exc:
             if request is not None:
                 SECRETS.discard(request.token)
@@ -81,7 +100,7 @@ class TunnelService:
                 error=type(exc).__name__,
                 took_ms=_ms_since(started),
             )
-            return MethodResult(500, internal_error("agent").body())
+            return self._answer(MethodResult(500, internal_error("agent").body()), started)
         if reused:
             SECRETS.discard(request.token)
             tunnel.log.info("tunnel.open_repeated", took_ms=_ms_since(started))
@@ -95,10 +114,21 @@ class TunnelService:
                 took_ms=_ms_since(started),
                 open_tunnels=len(self.registry.open_tunnels),
             )
-        return MethodResult(OK, {"tunnelId": tunnel.id})
+        return self._answer(MethodResult(OK, {"tunnelId": tunnel.id}), started)
+
+    def _answer(self, result: MethodResult, started: float) -> MethodResult:
+        seconds = time.monotonic() - started
+        for observer in self.observers:
+            observer.answered(result.status, seconds)
+        return result
 
     def _closed(self, tunnel: Tunnel, request: TunnelRequest) -> None:
         SECRETS.discard(request.token)
+        self.totals.bytes_to_remote += tunnel.bytes_to_remote
+        self.totals.bytes_to_camera += tunnel.bytes_to_camera
+        self.totals.closed += 1
+        for observer in self.observers:
+            observer.closed(tunnel)
         tunnel.log.info(
             "tunnel.closed",
             port=tunnel.target.port,

@@ -23,7 +23,7 @@ from tunnel_agent.cloud.devhub.certs import LocalCA
 from tunnel_agent.cloud.devhub.registry import SERVICE_POLICY, Device, DeviceRegistry
 from tunnel_agent.cloud.devhub.rest import HubRestApi
 from tunnel_agent.cloud.devhub.service_link import DeviceServiceLink, Twin
-from tunnel_agent.cloud.relay.settings import split_host_port
+from tunnel_agent.config.base import split_host_port
 from tunnel_agent.logs import SECRETS, EventLogger
 
 REGISTRY_POLL_S = 1.0

@@ -20,8 +20,9 @@ from aiohttp import web
 
 from tunnel_agent.cloud.relay.bridge import ByteCounters, bridge
 from tunnel_agent.cloud.relay.hub_service import HubServiceClient, MethodCallFailed
-from tunnel_agent.cloud.relay.settings import RelayServerSettings, RouteSettings, split_host_port
+from tunnel_agent.cloud.relay.settings import RelayServerSettings, RouteSettings
 from tunnel_agent.cloud.relay.tokens import TokenBook, Verdict
+from tunnel_agent.config.base import split_host_port
 from tunnel_agent.logs import SECRETS, EventLogger
 from tunnel_agent.tunnel.contract import (
     CONNECTION_SOURCE_PNP_DEVICE,

@@ -9,7 +9,8 @@ from aiohttp import web
 from tunnel_agent.cloud.relay.api import build_app, server_tls
 from tunnel_agent.cloud.relay.core import Relay
 from tunnel_agent.cloud.relay.hub_service import HubServiceClient
-from tunnel_agent.cloud.relay.settings import RelaySettings, split_host_port
+from tunnel_agent.cloud.relay.settings import RelaySettings
+from tunnel_agent.config.base import split_host_port
 from tunnel_agent.logs import SECRETS, EventLogger
 
 

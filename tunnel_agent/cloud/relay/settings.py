@@ -4,32 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Self
 
-from pydantic import AfterValidator, Field, FilePath, SecretStr, field_validator, model_validator
+from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from tunnel_agent.config.base import Port, Section
+from tunnel_agent.config.base import HostPort, Port, Section
 from tunnel_agent.config.settings import ENV_PREFIX, LogSettings
 from tunnel_agent.hub.connection_string import (
     SERVICE_REQUIRED,
     InvalidConnectionString,
     parse_connection_string,
 )
-
-
-def split_host_port(text: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port``; ValueError with the reason otherwise."""
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError("use host:port, e.g. 127.0.0.1:8554")
-    return host.removeprefix("[").removesuffix("]"), int(port)
-
-
-def _check_listen(value: str) -> str:
-    split_host_port(value)
-    return value
-
-
-HostPort = Annotated[str, AfterValidator(_check_listen)]
 
 
 class RelayServerSettings(Section):
