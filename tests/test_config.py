@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import toml_writer
-from tunnel_agent.config import ConfigError, load_settings
+from tunnel_agent.config.loading import ConfigError, load_settings
 
 KEY = base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 CONNECTION_STRING = f"HostName=hub.example.net;DeviceId=gw1;SharedAccessKey={KEY}"

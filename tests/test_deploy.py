@@ -30,7 +30,7 @@ import trustme
 
 from tunnel_agent.agent import SHUTDOWN_GRACE_S
 from tunnel_agent.cloud.relay.settings import RelaySettings
-from tunnel_agent.config import load_settings
+from tunnel_agent.config.loading import load_settings
 from tunnel_agent.config.settings import HubSettings, TunnelSettings
 
 ROOT = Path(__file__).resolve().parent.parent

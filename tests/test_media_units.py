@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import toml_writer
-from tunnel_agent.config import ConfigError, load_settings
+from tunnel_agent.config.loading import ConfigError, load_settings
 from tunnel_agent.media.backoff import Backoff
 from tunnel_agent.media.files import Retention, StoredFile, final_name, is_temporary, temporary_path
 from tunnel_agent.media.pacing import (

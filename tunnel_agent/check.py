@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any, TextIO
 
-from tunnel_agent.config import AgentSettings, ConfigError, load_settings
+from tunnel_agent.config.loading import ConfigError, load_settings
+from tunnel_agent.config.settings import AgentSettings
 from tunnel_agent.tunnel.errors import host_port
 
 REDACTED = "***"

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Literal
 
 from tunnel_agent import __version__
-from tunnel_agent.config import AgentSettings, ConfigError, load_settings
+from tunnel_agent.config.loading import ConfigError, load_settings
+from tunnel_agent.config.settings import AgentSettings
 from tunnel_agent.logs import configure_logging
 
 EXIT_CONFIG = 2
