@@ -13,6 +13,7 @@ from aiohttp import web
 from tests.support.inprocess import open_via, service_for
 from tests.support.tcp_camera import TcpCamera
 from tests.support.threadloop import ThreadLoop
+from tests.support.waiting import until
 from tests.support.ws_endpoint import Session, TunnelEndpoint, echo_handler
 from tunnel_agent.cloud.devhub.certs import LocalCA
 
@@ -47,12 +48,6 @@ async def close_after_greeting(ws: web.WebSocketResponse, session: Session) -> N
             await ws.close(code=1000)
 
 
-async def settle(predicate: object, timeout_s: float = 5.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():  # type: ignore[operator]
-            await asyncio.sleep(0.02)
-
-
 async def test_open_close_cycles_return_fds_and_tasks_to_baseline(
     ca: LocalCA, endpoint: TunnelEndpoint, servers: ThreadLoop, stub: TcpCamera
 ) -> None:
@@ -63,7 +58,7 @@ async def test_open_close_cycles_return_fds_and_tasks_to_baseline(
     )
     warm.close("warm-up")
     await warm.closed
-    await settle(lambda: all(c.closed.is_set() for c in stub.connections))
+    await until(lambda: all(c.closed.is_set() for c in stub.connections))
     gc.collect()
     fds, tasks = await steady_fds(), len(asyncio.all_tasks())
 
@@ -71,20 +66,20 @@ async def test_open_close_cycles_return_fds_and_tasks_to_baseline(
         handler = close_after_greeting if cycle % 3 == 0 else echo_handler
         session = await servers.call(endpoint.new_session(handler=handler))
         tunnel = await open_via(service, endpoint, session, stub.port)
-        await settle(lambda n=cycle + 2: len(stub.connections) >= n)
+        await until(lambda n=cycle + 2: len(stub.connections) >= n)
         connection = stub.connections[-1]
         connection.writer.write(b"camera says hi")
         if cycle % 3 == 1:
-            await settle(lambda t=tunnel: t.bytes_to_remote > 0)
+            await until(lambda t=tunnel: t.bytes_to_remote > 0)
             connection.writer.close()  # the camera ends it
         elif cycle % 3 == 2:
-            await settle(lambda t=tunnel: t.bytes_to_camera > 0)
+            await until(lambda t=tunnel: t.bytes_to_camera > 0)
             tunnel.close("agent ends it")
         await asyncio.wait_for(asyncio.shield(tunnel.closed), 5)
         await asyncio.wait_for(connection.closed.wait(), 5)
 
     assert service.registry.open_tunnels == []
-    await settle(lambda: open_fds() <= fds, timeout_s=10)
+    await until(lambda: open_fds() <= fds, timeout_s=10)
     gc.collect()
     assert await steady_fds() <= fds  # 200 leaked sockets would be hundreds more
     assert len(asyncio.all_tasks()) == tasks

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import subprocess
@@ -10,7 +9,6 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,6 +19,7 @@ from tests.support.camera import RtspCamera
 from tests.support.hub import HubHarness
 from tests.support.net import free_port
 from tests.support.threadloop import ThreadLoop
+from tests.support.waiting import until
 from tests.support.ws_endpoint import TunnelEndpoint, sink_handler
 from tests.test_tunnel_video import ffprobe
 from tunnel_agent import __version__
@@ -50,12 +49,6 @@ def metric(text: str, name: str, **labels: str) -> float | None:
         if sample == name and all(found.get(k) == v for k, v in labels.items()):
             return float(value)
     return None
-
-
-async def wait_until(predicate: Any, timeout_s: float = 20.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.1)
 
 
 async def test_metrics_and_status_follow_real_tunnels(
@@ -124,11 +117,11 @@ async def test_readyz_follows_the_hub_link(
         agent.wait_connected()
         assert get(f"{agent.observability_url}/readyz")[0] == 200
         servers.run(own_hub.broker.stop())
-        await wait_until(lambda: get(f"{agent.observability_url}/readyz")[0] == 503)
+        await until(lambda: get(f"{agent.observability_url}/readyz")[0] == 503)
         assert "hub link is not connected" in get(f"{agent.observability_url}/readyz")[1]
         assert get(f"{agent.observability_url}/healthz")[0] == 200  # alive all along
         servers.run(own_hub.broker.start())
-        await wait_until(lambda: get(f"{agent.observability_url}/readyz")[0] == 200, timeout_s=30)
+        await until(lambda: get(f"{agent.observability_url}/readyz")[0] == 200, timeout_s=30)
         text = get(f"{agent.observability_url}/metrics")[1]
         assert metric(text, "tunnel_agent_hub_reconnects_total") == 1
     finally:
@@ -163,7 +156,7 @@ async def test_media_metrics_twin_reports_and_desired_streams(
     schemas = {name: prop["schema"] for name, prop in dtdl.properties(interface).items()}
     try:
         agent.wait_connected()
-        await wait_until(
+        await until(
             lambda: any(m.get("state") == "running" for m in twin.reported.get("media", [])), 30
         )
         reported = twin.reported
@@ -221,21 +214,21 @@ async def test_media_metrics_twin_reports_and_desired_streams(
             == []
         )
         version = await servers.call(own_hub.link.send_desired({"mediaStreams": desired}))
-        await wait_until(lambda: twin.reported.get("mediaStreams", {}).get("av") == version, 30)
+        await until(lambda: twin.reported.get("mediaStreams", {}).get("av") == version, 30)
         ack = twin.reported["mediaStreams"]
         assert (ack["ac"], ack["value"]) == (200, desired)
-        await wait_until(lambda: len(list((snaps / "added").glob("*.png"))) >= 2, 20)
+        await until(lambda: len(list((snaps / "added").glob("*.png"))) >= 2, 20)
 
         # A bad change is refused with the reason, and nothing running is lost.
         bad = [{"camera": "lobby", "streams": [{"name": "x", "task": "clip-to-fs"}]}]
         version = await servers.call(own_hub.link.send_desired({"mediaStreams": bad}))
-        await wait_until(lambda: twin.reported.get("mediaStreams", {}).get("av") == version, 30)
+        await until(lambda: twin.reported.get("mediaStreams", {}).get("av") == version, 30)
         ack = twin.reported["mediaStreams"]
         assert (
             ack["ac"] == 400 and "streams[0]" in ack["ad"] and "clip-to-fs needs path" in ack["ad"]
         )
         count = len(list((snaps / "added").glob("*.png")))
-        await wait_until(lambda: len(list((snaps / "added").glob("*.png"))) > count, 10)
+        await until(lambda: len(list((snaps / "added").glob("*.png"))) > count, 10)
         assert {m["stream"] for m in twin.reported["media"]} == {"base", "added"}
     finally:
         agent.stop()

@@ -13,6 +13,7 @@ from aiohttp import web
 from tests.support.inprocess import open_via, service_for
 from tests.support.tcp_camera import TcpCamera
 from tests.support.threadloop import ThreadLoop
+from tests.support.waiting import until
 from tests.support.ws_endpoint import Session, TunnelEndpoint, sink_handler
 from tunnel_agent.cloud.devhub.certs import LocalCA
 from tunnel_agent.tunnel.pump import WRITE_BUFFER_HIGH_BYTES
@@ -28,19 +29,13 @@ async def stub() -> AsyncIterator[TcpCamera]:
     await cam.stop()
 
 
-async def wait_for(predicate: object, timeout_s: float = 5.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():  # type: ignore[operator]
-            await asyncio.sleep(0.01)
-
-
 async def test_camera_eof_closes_the_websocket_with_1000_after_the_data(
     ca: LocalCA, endpoint: TunnelEndpoint, servers: ThreadLoop, stub: TcpCamera
 ) -> None:
     service = service_for(ca, stub.port)
     session = await servers.call(endpoint.new_session(handler=sink_handler))
     tunnel = await open_via(service, endpoint, session, stub.port)
-    await wait_for(lambda: stub.connections)
+    await until(lambda: stub.connections)
     payload = b"x" * 1_000_000
 
     stub.connections[0].writer.write(payload)
@@ -93,7 +88,7 @@ async def test_camera_reset_closes_the_websocket_within_the_bound(
     service = service_for(ca, stub.port)
     session = await servers.call(endpoint.new_session(handler=sink_handler))
     tunnel = await open_via(service, endpoint, session, stub.port)
-    await wait_for(lambda: stub.connections)
+    await until(lambda: stub.connections)
     sock = stub.connections[0].writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
@@ -118,7 +113,7 @@ async def test_backpressure_bounds_what_waits_in_the_agent(
     service = service_for(ca, stub.port)
     session = await servers.call(endpoint.new_session(handler=slow_reader))
     tunnel = await open_via(service, endpoint, session, stub.port)
-    await wait_for(lambda: stub.connections)
+    await until(lambda: stub.connections)
     writer = stub.connections[0].writer
     total = 64 * 1024 * 1024
     chunk = b"z" * (1024 * 1024)
@@ -187,7 +182,7 @@ async def test_keepalive_spares_a_busy_link_whose_pongs_wait_behind_data(
     service = service_for(ca, stub.port, ping_interval=1, ping_timeout=1)
     session = await servers.call(endpoint.new_session(handler=slow_sink))
     tunnel = await open_via(service, endpoint, session, stub.port)
-    await wait_for(lambda: stub.connections)
+    await until(lambda: stub.connections)
     writer = stub.connections[0].writer
 
     async def push() -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "TUNNEL_AGENT_"
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 
@@ -27,3 +30,23 @@ HostPort = Annotated[str, AfterValidator(_check_listen)]
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileAndEnvironmentSettings(BaseSettings):
+    """A whole configuration: the TOML file (given as arguments), overridden by the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first so it overrides the TOML file, which arrives as init arguments.
+        return (env_settings, init_settings)

@@ -16,13 +16,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-)
 
-from tunnel_agent.config.base import HostPort, Port, Section
+from tunnel_agent.config.base import FileAndEnvironmentSettings, HostPort, Port, Section
 from tunnel_agent.config.proxy import InvalidProxy, ProxyAddress, parse_proxy_url
 from tunnel_agent.hub.connection_string import (
     DEVICE_REQUIRED,
@@ -32,7 +27,6 @@ from tunnel_agent.hub.connection_string import (
 )
 from tunnel_agent.media.settings import MediaSettings, MqttSettings, StreamSettings
 
-ENV_PREFIX = "TUNNEL_AGENT_"
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 Seconds = Annotated[float, Field(gt=0, le=86_400)]
@@ -209,15 +203,8 @@ class LogSettings(Section):
     format: Literal["text", "json"] = "text"
 
 
-class AgentSettings(BaseSettings):
+class AgentSettings(FileAndEnvironmentSettings):
     """Everything ``tunnel-agent run`` needs. ``hub`` may be absent for a media-only gateway."""
-
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
-        extra="forbid",
-        frozen=True,
-    )
 
     hub: HubSettings | None = None
     proxy: ProxySettings = ProxySettings()
@@ -250,15 +237,3 @@ class AgentSettings(BaseSettings):
                     )
                 ports[port] = camera.name
         return self
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment first so it overrides the TOML file, which arrives as init arguments.
-        return (env_settings, init_settings)

@@ -21,6 +21,7 @@ from azure.iot.device import MethodRequest, MethodResponse
 from azure.iot.device.aio import IoTHubDeviceClient
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
+from tunnel_agent.aio import wait_any
 from tunnel_agent.config.proxy import ProxyAddress
 from tunnel_agent.config.settings import HubSettings
 from tunnel_agent.hub.device_client import DeviceIdentity, create_device_client
@@ -187,9 +188,7 @@ class HubLink:
         while not stop.is_set():
             self._state_changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    _first(stop.wait(), self._state_changed.wait()), STATE_POLL_S
-                )
+                await asyncio.wait_for(wait_any(stop, self._state_changed), STATE_POLL_S)
             connected = bool(client.connected)
             if connected != self.connected:
                 self._set_connected(connected, client)
@@ -275,15 +274,6 @@ class HubLink:
                 status=result.status,
                 error=_describe(exc),
             )
-
-
-async def _first(*waits: Awaitable[Any]) -> None:
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 def _describe(error: BaseException | None) -> str:

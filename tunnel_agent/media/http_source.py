@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 
-from tunnel_agent.logs import EventLogger, redact_text
-from tunnel_agent.media.backoff import Backoff
-from tunnel_agent.media.pacing import SnapshotPacer
-from tunnel_agent.media.packets import CapturedFrame
+from tunnel_agent.logs import redact_text
 from tunnel_agent.media.settings import MediaSettings
-from tunnel_agent.media.source import SourceState
+from tunnel_agent.media.source import SourceBase, SourceState
 from tunnel_agent.media.tasks.base import FrameTask
 from tunnel_agent.media.urls import SourceAddress
 
@@ -45,7 +40,7 @@ def sniff_format(data: bytes, content_type: str | None) -> str | None:
     return None
 
 
-class HttpSnapshotSource:
+class HttpSnapshotSource(SourceBase):
     def __init__(
         self,
         camera: str,
@@ -53,20 +48,9 @@ class HttpSnapshotSource:
         settings: MediaSettings,
         frame_tasks: list[FrameTask],
     ) -> None:
-        self.camera = camera
+        super().__init__(camera, address, settings, frame_tasks)
         self.url = _without_credentials(address.open_url)
         self.username, self.password = address.username, address.password
-        self.settings = settings
-        self.frame_tasks = frame_tasks
-        self.log = EventLogger("tunnel_agent.media").bind(camera=camera, source=address.display)
-        self.state = SourceState.CONNECTING
-        self.reason: str | None = None
-        self.counters: Counter[str] = Counter()
-        self.last_packet_at: float | None = None
-        self._pacers = [SnapshotPacer(t.rate_per_s) for t in frame_tasks]
-        self._backoff = Backoff(
-            settings.backoff_initial, settings.backoff_max, settings.stable_after
-        )
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -86,19 +70,6 @@ class HttpSnapshotSource:
 
     def check_watchdog(self, now: float) -> bool:
         return False  # every request has its own deadline
-
-    def status(self) -> dict[str, Any]:
-        age = (
-            None
-            if self.last_packet_at is None
-            else round(time.monotonic() - self.last_packet_at, 1)
-        )
-        return {
-            "state": self.state.value,
-            "reason": self.reason,
-            "last_packet_age_s": age,
-            **dict(self.counters),
-        }
 
     async def run(self) -> None:
         async with HttpImageFetcher(
@@ -128,18 +99,8 @@ class HttpSnapshotSource:
             if self.state is not SourceState.RUNNING:
                 self._set_state(SourceState.RUNNING, format=image_format)
             self._backoff.ran_for(now - started)
-            captured = CapturedFrame(datetime.now(UTC), None, data, image_format)
-            for task, pacer in zip(self.frame_tasks, self._pacers, strict=True):
-                if pacer.due(now):
-                    task.on_frame(captured)
+            self._deliver(None, data, image_format)
             await asyncio.sleep(max(0.0, self.poll_interval_s - (time.monotonic() - tick)))
-
-    def _set_state(self, state: SourceState, reason: str | None = None, **fields: Any) -> None:
-        if state is self.state and reason == self.reason:
-            return
-        self.state, self.reason = state, reason
-        log = self.log.warning if state is SourceState.BACKING_OFF else self.log.info
-        log("media.source_state", state=state.value, reason=reason, **fields)
 
 
 class HttpImageFetcher:

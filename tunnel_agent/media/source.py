@@ -53,7 +53,60 @@ class SourceStalled(Exception):
     """The watchdog saw no packet for too long."""
 
 
-class CameraSource:
+class SourceBase:
+    """What every kind of source shares: state, counters, and handing paced frames to tasks."""
+
+    def __init__(
+        self,
+        camera: str,
+        address: SourceAddress,
+        settings: MediaSettings,
+        frame_tasks: list[FrameTask],
+    ) -> None:
+        self.camera = camera
+        self.address = address
+        self.settings = settings
+        self.frame_tasks = frame_tasks
+        self.log = EventLogger("tunnel_agent.media").bind(camera=camera, source=address.display)
+        self.state = SourceState.CONNECTING
+        self.reason: str | None = None
+        self.counters: Counter[str] = Counter()
+        self.last_packet_at: float | None = None
+        self._pacers = [SnapshotPacer(t.rate_per_s) for t in frame_tasks]
+        self._backoff = Backoff(
+            settings.backoff_initial, settings.backoff_max, settings.stable_after
+        )
+
+    def status(self) -> dict[str, Any]:
+        last = self.last_packet_at
+        age = None if last is None else round(time.monotonic() - last, 1)
+        return {
+            "state": self.state.value,
+            "reason": self.reason,
+            "last_packet_age_s": age,
+            **dict(self.counters),
+        }
+
+    def _deliver(
+        self, frame: av.video.frame.VideoFrame | None, image: bytes | None, image_format: str | None
+    ) -> None:
+        now = time.monotonic()
+        captured = CapturedFrame(datetime.now(UTC), frame, image, image_format)
+        for task, pacer in zip(self.frame_tasks, self._pacers, strict=True):
+            if pacer.due(now):
+                task.on_frame(captured)
+
+    def _set_state(self, state: SourceState, reason: str | None = None, **fields: Any) -> None:
+        if state is self.state and reason == self.reason and state is not SourceState.CONNECTING:
+            return
+        self.state, self.reason = state, reason
+        log = self.log.warning if state is SourceState.BACKING_OFF else self.log.info
+        log("media.source_state", state=state.value, reason=reason, **fields)
+
+
+class CameraSource(SourceBase):
+    """PyAV sources: RTSP(S), files, folders and V4L2 devices."""
+
     def __init__(
         self,
         camera: str,
@@ -64,23 +117,11 @@ class CameraSource:
         *,
         ca_file: Path | None = None,
     ) -> None:
-        self.camera = camera
-        self.address = address
-        self.settings = settings
+        super().__init__(camera, address, settings, frame_tasks)
         self.packet_tasks = packet_tasks
-        self.frame_tasks = frame_tasks
         self.ca_file = ca_file
-        self.log = EventLogger("tunnel_agent.media").bind(camera=camera, source=address.display)
-        self.state = SourceState.CONNECTING
-        self.reason: str | None = None
-        self.counters: Counter[str] = Counter()
-        self.last_packet_at: float | None = None
         self.keyframes_only = False
-        self._pacers = [SnapshotPacer(t.rate_per_s) for t in frame_tasks]
         self._keyframe_rate = KeyframeRate()
-        self._backoff = Backoff(
-            settings.backoff_initial, settings.backoff_max, settings.stable_after
-        )
         self._stop = threading.Event()
         self._restart = threading.Event()
         self._generation = 0
@@ -111,18 +152,7 @@ class CameraSource:
         return False
 
     def status(self) -> dict[str, Any]:
-        age = (
-            None
-            if self.last_packet_at is None
-            else round(time.monotonic() - self.last_packet_at, 1)
-        )
-        return {
-            "state": self.state.value,
-            "reason": self.reason,
-            "last_packet_age_s": age,
-            "keyframes_only": self.keyframes_only,
-            **dict(self.counters),
-        }
+        return {**super().status(), "keyframes_only": self.keyframes_only}
 
     # -- the worker thread ----------------------------------------------------------------------
 
@@ -264,15 +294,6 @@ class CameraSource:
             self.counters["frames_decoded"] += 1
             self._deliver(frame, None, None)
 
-    def _deliver(
-        self, frame: av.video.frame.VideoFrame | None, image: bytes | None, image_format: str | None
-    ) -> None:
-        now = time.monotonic()
-        captured = CapturedFrame(datetime.now(UTC), frame, image, image_format)
-        for task, pacer in zip(self.frame_tasks, self._pacers, strict=True):
-            if pacer.due(now):
-                task.on_frame(captured)
-
     def _stream_file(self, path: str, *, loop: bool) -> None:
         """A media file, in real time; looped so that tasks see a continuous source."""
         offset = 0
@@ -307,13 +328,6 @@ class CameraSource:
         self.counters["images"] += 1
         self._deliver(frame, None, None)
         self._stop.wait(self.settings.folder_image_interval)
-
-    def _set_state(self, state: SourceState, reason: str | None = None, **fields: Any) -> None:
-        if state is self.state and reason == self.reason and state is not SourceState.CONNECTING:
-            return
-        self.state, self.reason = state, reason
-        log = self.log.warning if state is SourceState.BACKING_OFF else self.log.info
-        log("media.source_state", state=state.value, reason=reason, **fields)
 
 
 def _media_files(folder: Path) -> Iterator[Path]:

@@ -12,6 +12,7 @@ import contextlib
 from typing import Any
 
 from tunnel_agent import __version__
+from tunnel_agent.aio import wait_any
 from tunnel_agent.hub.link import HubLink
 from tunnel_agent.logs import EventLogger
 from tunnel_agent.observability.snapshot import AgentView
@@ -63,7 +64,7 @@ class TwinReporter:
         while not stop.is_set():
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(_either(stop, self._wake), self.interval_s)
+                await asyncio.wait_for(wait_any(stop, self._wake), self.interval_s)
             if stop.is_set() or not self.hub.connected:
                 continue
             await self.flush()
@@ -78,12 +79,3 @@ class TwinReporter:
         if changed and await self.hub.report(changed):
             self.reported.update(changed)
             self.log.info("twin.reported", properties=",".join(sorted(changed)))
-
-
-async def _either(first: asyncio.Event, second: asyncio.Event) -> None:
-    waits = [asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for wait in waits:
-            wait.cancel()

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Annotated, Self
 
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from tunnel_agent.config.base import HostPort, Port, Section
-from tunnel_agent.config.settings import ENV_PREFIX, LogSettings
+from tunnel_agent.config.base import FileAndEnvironmentSettings, HostPort, Port, Section
+from tunnel_agent.config.settings import LogSettings
 from tunnel_agent.hub.connection_string import (
     SERVICE_REQUIRED,
     InvalidConnectionString,
@@ -87,11 +86,7 @@ class RouteSettings(Section):
     name: str | None = None
 
 
-class RelaySettings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
-    )
-
+class RelaySettings(FileAndEnvironmentSettings):
     relay: RelayServerSettings
     iothub: IotHubServiceSettings
     routes: list[RouteSettings] = []
@@ -105,14 +100,3 @@ class RelaySettings(BaseSettings):
                 raise ValueError(f"routes.{index}.listen: {route.listen} is used twice")
             seen.add(route.listen)
         return self
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (env_settings, init_settings)

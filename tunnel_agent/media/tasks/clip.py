@@ -9,7 +9,6 @@ and MOV get their index at the front (``+faststart``).
 from __future__ import annotations
 
 import contextlib
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,19 +18,11 @@ import av.container
 import av.stream
 
 from tunnel_agent.media.backoff import Backoff
-from tunnel_agent.media.files import (
-    Retention,
-    final_name,
-    free_bytes,
-    low_disk_reason,
-    prepare_folder,
-    remove_stale_temporaries,
-    stored_files,
-    temporary_path,
-)
+from tunnel_agent.media.files import temporary_path
 from tunnel_agent.media.packets import MediaPacket, StreamTemplate
 from tunnel_agent.media.settings import StreamSettings
 from tunnel_agent.media.tasks.base import PacketTask, TaskError
+from tunnel_agent.media.tasks.output import OutputFolder
 
 FASTSTART = {"mp4", "mov"}
 
@@ -58,14 +49,10 @@ class ClipToFs(PacketTask):
 
     def __init__(self, camera: str, settings: StreamSettings, backoff: Backoff) -> None:
         super().__init__(camera, settings, backoff)
-        assert settings.path is not None
-        self.folder: Path = settings.path
         self.muxer, self.extension = settings.clip_format
-        self.retention = Retention(settings.max_age, settings.max_files, settings.max_bytes)
+        self.output = OutputFolder(self, settings, self.extension)
         self._template: StreamTemplate | None = None
         self._clip: _OpenClip | None = None
-        self._prepared = False
-        self._sequence = 0
 
     def handle(self, item: MediaPacket | StreamTemplate) -> None:
         if isinstance(item, StreamTemplate):
@@ -99,27 +86,14 @@ class ClipToFs(PacketTask):
         self.running()
 
     def _open(self, template: StreamTemplate, first: MediaPacket) -> _OpenClip | None:
-        if not self._prepared:
-            try:
-                prepare_folder(self.folder)
-                for stale in remove_stale_temporaries(self.folder):
-                    self.log.info("media.stale_temporary_removed", file=str(stale))
-            except OSError as exc:
-                raise TaskError(f"cannot write to {self.folder}: {exc.strerror or exc}") from None
-            self._prepared = True
-        free = free_bytes(self.folder)
-        if free < self.settings.min_free_bytes:
-            self.counters["skipped_low_disk"] += 1
-            self.pause(low_disk_reason(free, self.settings.min_free_bytes))
+        if not self.output.has_room():
             return None
-        self._sequence += 1
-        moment = datetime.fromtimestamp(first.captured_at, tz=UTC)
-        final = self.folder / final_name(moment, self._sequence, self.extension)
+        final = self.output.next_file(datetime.fromtimestamp(first.captured_at, tz=UTC))
         options = {"movflags": "+faststart"} if self.muxer in FASTSTART else {}
         try:
             container = av.open(str(temporary_path(final)), "w", format=self.muxer, options=options)
         except (av.FFmpegError, OSError) as exc:
-            self._prepared = False
+            self.output.check_again()
             raise TaskError(f"cannot create {final.name}: {exc}") from None
         stream: Any = container.add_stream_from_template(template.stream)
         self._clip = _OpenClip(final, container, stream, first)
@@ -140,15 +114,11 @@ class ClipToFs(PacketTask):
         clip.temporary.replace(clip.final)
         self.counters["clips"] += 1
         self.log.info("media.clip_written", file=clip.final.name, packets=clip.packets)
-        for doomed in self.retention.to_delete(
-            stored_files(self.folder, self.extension), time.time()
-        ):
-            doomed.path.unlink(missing_ok=True)
-            self.counters["deleted_by_retention"] += 1
+        self.output.prune()
 
     def reset(self) -> None:
         clip, self._clip = self._clip, None
-        self._prepared = False
+        self.output.check_again()
         if clip is not None:
             with contextlib.suppress(av.FFmpegError, OSError):
                 clip.container.close()

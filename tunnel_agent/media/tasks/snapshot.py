@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import io
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import av
 
 from tunnel_agent.media.backoff import Backoff
 from tunnel_agent.media.encode import CONTENT_TYPES, ImageEncoder
-from tunnel_agent.media.files import (
-    Retention,
-    final_name,
-    free_bytes,
-    low_disk_reason,
-    prepare_folder,
-    remove_stale_temporaries,
-    stored_files,
-    write_atomically,
-)
+from tunnel_agent.media.files import write_atomically
 from tunnel_agent.media.mqtt import OutgoingMessage
 from tunnel_agent.media.packets import CapturedFrame
 from tunnel_agent.media.settings import StreamSettings
 from tunnel_agent.media.tasks.base import FrameTask, TaskError
+from tunnel_agent.media.tasks.output import OutputFolder
 
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "bmp": "bmp", "tiff": "tiff"}
 
@@ -45,51 +35,26 @@ def image_bytes(captured: CapturedFrame, encoder: ImageEncoder) -> bytes:
 class SnapshotToFs(FrameTask):
     def __init__(self, camera: str, settings: StreamSettings, backoff: Backoff) -> None:
         super().__init__(camera, settings, backoff)
-        assert settings.path is not None
-        self.folder: Path = settings.path
-        self.image_format = settings.image_format
-        self.encoder = ImageEncoder(self.image_format)
-        self.extension = EXTENSIONS[self.image_format]
-        self.retention = Retention(settings.max_age, settings.max_files, settings.max_bytes)
-        self._prepared = False
-        self._sequence = 0
+        self.encoder = ImageEncoder(settings.image_format)
+        self.output = OutputFolder(self, settings, EXTENSIONS[settings.image_format])
 
     def handle(self, item: CapturedFrame) -> None:
-        if not self._prepared:
-            try:
-                prepare_folder(self.folder)
-                for stale in remove_stale_temporaries(self.folder):
-                    self.log.info("media.stale_temporary_removed", file=str(stale))
-            except OSError as exc:
-                raise TaskError(f"cannot write to {self.folder}: {exc.strerror or exc}") from None
-            self._prepared = True
-        free = free_bytes(self.folder)
-        if free < self.settings.min_free_bytes:
-            self.counters["skipped_low_disk"] += 1
-            self.pause(low_disk_reason(free, self.settings.min_free_bytes))
+        if not self.output.has_room():
             return
         data = image_bytes(item, self.encoder)
-        self._sequence += 1
-        target = self.folder / final_name(item.captured_at, self._sequence, self.extension)
+        target = self.output.next_file(item.captured_at)
         try:
             write_atomically(target, data)
         except OSError as exc:
-            self._prepared = False
+            self.output.check_again()
             raise TaskError(f"cannot write {target.name}: {exc.strerror or exc}") from None
         self.counters["snapshots"] += 1
         self.counters["bytes_written"] += len(data)
         self.running()
-        self._apply_retention()
-
-    def _apply_retention(self) -> None:
-        for doomed in self.retention.to_delete(
-            stored_files(self.folder, self.extension), time.time()
-        ):
-            doomed.path.unlink(missing_ok=True)
-            self.counters["deleted_by_retention"] += 1
+        self.output.prune()
 
     def reset(self) -> None:
-        self._prepared = False
+        self.output.check_again()
 
 
 class SnapshotToMqtt(FrameTask):
