@@ -234,6 +234,8 @@ class Bench:
         self.rig.agents.append(agent)
 
         def ready() -> bool:
+            if agent.process.process.poll() is not None:
+                raise RuntimeError(f"the agent exited; see {agent.process.log_file}")
             if case.stream is None:
                 return bool(agent.events("agent.started"))
             return any(e.get("state") == "running" for e in agent.events("media.task_state"))

@@ -18,6 +18,7 @@ import trustme
 from tests.support.agent import AgentRunner
 from tests.support.camera import SYSTEM_PYTHON, RtspCamera
 from tests.support.hub import HubHarness
+from tests.support.processes import stop_all
 from tests.support.threadloop import ThreadLoop
 from tests.support.ws_endpoint import TunnelEndpoint
 from tunnel_agent.cloud.devhub.certs import LocalCA
@@ -37,6 +38,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         raise pytest.UsageError(
             f"missing test prerequisites: {', '.join(missing)} (bash .ci/run installs them)"
         )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    stop_all()
 
 
 @pytest.fixture(scope="session")

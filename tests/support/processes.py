@@ -10,6 +10,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
+STARTED: list[ManagedProcess] = []
+
+
+def stop_all() -> None:
+    """Safety net at the end of a session: nothing a test started outlives the run."""
+    for process in STARTED:
+        process.stop(timeout_s=5)
+
+
 class ManagedProcess:
     def __init__(
         self,
@@ -30,6 +39,7 @@ class ManagedProcess:
             cwd=cwd,
             start_new_session=True,
         )
+        STARTED.append(self)
 
     @property
     def pid(self) -> int:
