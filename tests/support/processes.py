@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-
 STARTED: list[ManagedProcess] = []
 
 
