@@ -560,3 +560,36 @@ async def test_the_tunnel_keeps_working_while_media_tasks_run(
     await asyncio.sleep(2)
     assert len(list((tmp_path / "snaps").glob("*.png"))) > before  # media kept going
     assert len(agent.events("tunnel.closed")) == 3
+
+
+async def test_a_second_client_resetting_the_camera_clock_does_not_stall_tasks(
+    tmp_path: Path,
+) -> None:
+    """gst-rtsp-server restarts a shared stream's timestamps when a second client joins."""
+    cam = RtspCamera(tmp_path / "cam")
+    clips = tmp_path / "clips"
+    streams = [{"name": "c", "task": "clip-to-fs", "path": str(clips), "duration": 2}]
+    agent = media_agent(tmp_path / "agent", [{"name": "c", "url": cam.url(), "streams": streams}])
+    try:
+        agent.wait_event("media.clip_written", count=2, timeout_s=30)
+        await asyncio.sleep(4)  # let the agent's timestamps run well ahead of a fresh client's
+        await asyncio.to_thread(decode_frames_for, cam.url(), 20)  # the second client
+        written = len(agent.events("media.clip_written"))
+        agent.wait_event("media.clip_written", count=written + 2, timeout_s=15)
+    finally:
+        agent.stop()
+        cam.stop()
+    dropped = [
+        int(e.get("packets_dropped_bad_timestamps", 0)) for e in agent.events("media.source_status")
+    ]
+    assert max(dropped, default=0) < 30  # not seconds' worth of packets
+    assert agent.events("media.timestamps_reset"), "the camera did not reset its clock"
+    for clip in sorted(clips.iterdir())[:-1]:
+        assert float(ffprobe_json(clip)["format"]["duration"]) <= 2 + 1 + 0.2
+
+
+def decode_frames_for(url: str, count: int) -> None:
+    with av.open(url, options={"rtsp_transport": "tcp"}, timeout=(10, 10)) as container:
+        for index, _ in enumerate(container.decode(video=0)):
+            if index >= count:
+                return

@@ -198,6 +198,32 @@ def test_keyframe_only_decoding_when_every_rate_allows() -> None:
     assert early.per_second is None
 
 
+def test_keyframe_only_decoding_does_not_flap_at_the_keyframe_rate() -> None:
+    """1 snapshot/s on a camera with a keyframe every second, its measured rate wobbling."""
+    state, switches = False, 0
+    for measured in [1.0, 0.999, 1.001, 0.998, 1.002, 0.97, 1.0] * 5:
+        wanted = keyframes_suffice([1.0], measured, currently=state)
+        switches += wanted != state
+        state = wanted
+    assert state and switches == 1
+    assert not keyframes_suffice([1.5], 1.0, currently=True)  # a real change still switches off
+
+
+def test_pacer_takes_frames_a_little_early_as_on_time() -> None:
+    pacer = SnapshotPacer(1.0)
+    keyframes = [0.0] + [second - 0.003 * (second % 2) for second in range(1, 30)]
+    assert sum(pacer.due(t) for t in keyframes) == 30
+
+
+def test_a_large_step_back_is_a_restart_not_a_drop() -> None:
+    validator = TimestampValidator()
+    assert validator.is_valid(900_000)
+    assert not validator.is_valid(899_000) and not validator.jumped_back(899_000, 90_000)
+    assert not validator.is_valid(0) and validator.jumped_back(0, 90_000)
+    validator.restart(0)
+    assert validator.is_valid(3000)
+
+
 def test_timestamp_validator_drops_missing_and_non_increasing() -> None:
     validator = TimestampValidator()
     assert [validator.is_valid(d) for d in (0, 3000, None, 3000, 2000, 6000)] == [

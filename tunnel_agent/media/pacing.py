@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 
 class TimestampValidator:
@@ -20,8 +21,22 @@ class TimestampValidator:
         self._last = dts
         return True
 
-    def reset(self) -> None:
-        self._last = None
+    def jumped_back(self, dts: int, threshold: int) -> bool:
+        """A step back larger than ``threshold`` ticks: the source restarted its timestamps."""
+        return self._last is not None and dts < self._last - threshold
+
+    def back_s(self, dts: int, time_base: Fraction) -> float:
+        return float((self._last - dts) * time_base) if self._last is not None else 0.0
+
+    def restart(self, dts: int) -> None:
+        self._last = dts
+
+
+EARLY_FRACTION = 0.1
+KEYFRAMES_ON_MARGIN = (
+    1.05  # decode keyframes only when every rate is within this of the keyframe rate
+)
+KEYFRAMES_OFF_MARGIN = 1.25  # and go back to every frame only when one rate is beyond this
 
 
 @dataclass
@@ -29,7 +44,9 @@ class SnapshotPacer:
     """Whether a frame captured at ``now`` (seconds) is due, for a rate in snapshots per second.
 
     A rate of 0 means every frame. The schedule advances by whole periods so the long-run rate is
-    exact even when frames arrive irregularly, but it never accumulates a backlog.
+    exact even when frames arrive irregularly, but it never accumulates a backlog. A frame a little
+    early (``EARLY_FRACTION`` of a period) counts as on time: keyframes one second apart must
+    give one snapshot per second at 1/s, whatever their jitter.
     """
 
     rate_per_s: float
@@ -42,7 +59,7 @@ class SnapshotPacer:
         if self._next_due is None or now >= self._next_due + period:
             self._next_due = now + period
             return True
-        if now >= self._next_due:
+        if now >= self._next_due - period * EARLY_FRACTION:
             self._next_due += period
             return True
         return False
@@ -66,8 +83,15 @@ class KeyframeRate:
         return (len(self._times) - 1) / span if span > 0 else None
 
 
-def keyframes_suffice(rates_per_s: list[float], keyframe_rate: float | None) -> bool:
-    """Decode keyframes only when every snapshot task asks for at most the keyframe rate."""
-    if not rates_per_s or keyframe_rate is None:
+def keyframes_suffice(
+    rates_per_s: list[float], keyframe_rate: float | None, *, currently: bool = False
+) -> bool:
+    """Decode keyframes only when every snapshot task asks for at most the keyframe rate.
+
+    With hysteresis: a rate equal to the keyframe rate (1/s on a camera with a keyframe a second)
+    must not flip the decoder on and off as the measured keyframe rate wobbles around it.
+    """
+    if not rates_per_s or keyframe_rate is None or any(rate <= 0 for rate in rates_per_s):
         return False
-    return all(0 < rate <= keyframe_rate for rate in rates_per_s)
+    margin = KEYFRAMES_OFF_MARGIN if currently else KEYFRAMES_ON_MARGIN
+    return max(rates_per_s) <= keyframe_rate * margin

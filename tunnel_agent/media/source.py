@@ -38,6 +38,7 @@ from tunnel_agent.media.settings import MediaSettings
 from tunnel_agent.media.tasks.base import FrameTask, PacketTask
 from tunnel_agent.media.urls import SourceAddress, SourceKind
 
+RESET_AFTER_S = 1.0  # a DTS this far back is the source restarting its clock, not reordering
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mkv", ".mp4", ".mov", ".avi", ".ts", ".mts", ".flv", ".webm", ".mpg", ".mpeg"}
 
@@ -244,13 +245,23 @@ class CameraSource(SourceBase):
             if packet.dts is None:
                 continue
             now = time.monotonic()
-            if self.state is not SourceState.RUNNING:
-                self._set_state(SourceState.RUNNING, codec=stream.codec_context.name, live=live)
-            self.last_packet_at = now
             dts = packet.dts + offset
             if not validator.is_valid(dts):
-                self.counters["packets_dropped_bad_timestamps"] += 1
-                continue
+                if not validator.jumped_back(dts, int(RESET_AFTER_S / packet.time_base)):
+                    self.counters["packets_dropped_bad_timestamps"] += 1
+                    continue
+                # The server restarted its clock (a shared RTSP stream does when a client joins):
+                # a new timeline for the tasks, not minutes of dropped packets.
+                self.counters["timestamp_resets"] += 1
+                self.log.warning(
+                    "media.timestamps_reset",
+                    back_s=round(validator.back_s(dts, packet.time_base), 1),
+                )
+                validator.restart(dts)
+                generation = self._new_generation(stream)
+            if self.state is not SourceState.RUNNING:
+                self._set_state(SourceState.RUNNING, codec=stream.codec_context.name, live=live)
+            self.last_packet_at = now  # only packets the tasks can use count for the watchdog
             last_dts = dts + max(int(packet.duration or 0), 1)
             if pace:
                 seconds = float(dts * packet.time_base)
@@ -281,7 +292,9 @@ class CameraSource(SourceBase):
         context = stream.codec_context
         if packet.is_keyframe:
             wanted = keyframes_suffice(
-                [t.rate_per_s for t in self.frame_tasks], self._keyframe_rate.per_second
+                [t.rate_per_s for t in self.frame_tasks],
+                self._keyframe_rate.per_second,
+                currently=self.keyframes_only,
             )
             if wanted != self.keyframes_only:
                 self.keyframes_only = wanted
