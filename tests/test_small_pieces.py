@@ -107,8 +107,3 @@ def test_configured_proxy_wins_and_environment_applies_otherwise() -> None:
 def test_no_proxy_rules(host: str, no_proxy: str, bypass: bool) -> None:
     assert bypasses_proxy(host, no_proxy) is bypass
 
-
-def test_allocator_tuning_applies_on_glibc() -> None:
-    from tunnel_agent.allocator import tune_allocator
-
-    assert tune_allocator() is True  # Debian/Ubuntu: glibc accepts the three settings

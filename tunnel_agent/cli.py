@@ -184,9 +184,6 @@ def _run(config: Path | None, log_format: str | None = None) -> int:
     if log_format in ("text", "json"):
         chosen = "json" if log_format == "json" else "text"
     configure_logging(settings.log.level, chosen)
-    from tunnel_agent.allocator import tune_allocator
-
-    tune_allocator()
     from tunnel_agent.agent import Agent
 
     async def run() -> None:
