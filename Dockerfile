@@ -18,7 +18,7 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # ---- build: a wheel of the project and wheels of all its runtime dependencies ----
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY tunnel_agent ./tunnel_agent
 # Only [project.dependencies] are resolved: no test extras, no build tools reach the final stage.
 RUN python -m pip wheel --no-cache-dir --disable-pip-version-check --wheel-dir /wheels .
