@@ -49,7 +49,11 @@ class HubHarness:
             device_id, self.host, 8883, ca.cert_file, client_cert=service_cert
         )
         loop.spawn(self.link.run())
-        loop.run(self.link.wait_ready(15))
+        try:
+            loop.run(self.link.wait_ready(15))
+        except BaseException:
+            loop.run(self.broker.stop())  # a harness that failed to start leaves nothing running
+            raise
 
     @property
     def connection_string(self) -> str:
