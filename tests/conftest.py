@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import shutil
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 import trustme
 
 from tests.support.agent import AgentRunner
 from tests.support.camera import SYSTEM_PYTHON, RtspCamera
 from tests.support.hub import HubHarness
 from tests.support.processes import stop_all
+from tests.support.tcp_camera import TcpCamera
 from tests.support.threadloop import ThreadLoop
 from tests.support.ws_endpoint import TunnelEndpoint
 from tunnel_agent.cloud.devhub.certs import LocalCA
@@ -115,6 +117,15 @@ def camera_entry(cam: RtspCamera, name: str = "lobby", **extra: Any) -> dict[str
         entry["password"] = cam.password
     entry.update(extra)
     return entry
+
+
+@pytest_asyncio.fixture
+async def stub() -> AsyncIterator[TcpCamera]:
+    """A bare TCP "camera" in the test's own loop, for tests that watch the socket's fate."""
+    cam = TcpCamera()
+    await cam.start()
+    yield cam
+    await cam.stop()
 
 
 AgentFactory = Callable[..., AgentRunner]

@@ -20,6 +20,7 @@ from tests.support.camera import RtspCamera
 from tests.support.fake_device import FakeDevice
 from tests.support.net import free_port, fresh_loopback_block
 from tests.support.threadloop import ThreadLoop
+from tests.support.waiting import until
 from tests.test_tunnel_video import decode_frames, ffprobe
 from tunnel_agent.cloud.devhub.hub import DevHub
 from tunnel_agent.cloud.relay.runner import RunningRelay, start_relay
@@ -141,10 +142,11 @@ def cloud(
 
 
 async def test_ffprobe_through_the_relay_sees_h264(cloud: Cloud) -> None:
+    before = len(cloud.relay.relay.history)
     info = await ffprobe(f"rtsp://127.0.0.1:{cloud.routes['agent']}/test")
 
     assert info["streams"][0]["codec_name"] == "h264"  # type: ignore[index]
-    await asyncio.sleep(0.5)
+    await until(lambda: len(cloud.relay.relay.history) > before, timeout_s=10)
     record = cloud.relay.relay.history[-1]
     assert record.device_id == "agent-cam"
     assert record.bytes_to_consumer > 2_000 and record.bytes_to_device > 100
@@ -165,7 +167,7 @@ async def test_ten_consumers_at_once_get_ten_tunnels(cloud: Cloud) -> None:
         )
 
     assert all(sizes == [(640, 360)] * 15 for sizes in results)
-    await asyncio.sleep(1)
+    await until(lambda: len(cloud.relay.relay.history) >= before + 10, timeout_s=10)
     new = list(cloud.relay.relay.history)[before:]
     assert len({r.id for r in new}) == 10
     assert all(r.bytes_to_consumer > 10_000 for r in new)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-from collections.abc import AsyncIterator
 
-import pytest_asyncio
 from aiohttp import web
 
 from tests.support.inprocess import open_via, service_for
@@ -18,14 +16,6 @@ from tests.support.ws_endpoint import Session, TunnelEndpoint, echo_handler
 from tunnel_agent.cloud.devhub.certs import LocalCA
 
 CYCLES = 200
-
-
-@pytest_asyncio.fixture
-async def stub() -> AsyncIterator[TcpCamera]:
-    cam = TcpCamera()
-    await cam.start()
-    yield cam
-    await cam.stop()
 
 
 def open_fds() -> int:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from collections.abc import AsyncIterator
 
-import pytest_asyncio
 from aiohttp import web
 
 from tests.support.inprocess import open_via, service_for
@@ -19,14 +17,6 @@ from tunnel_agent.cloud.devhub.certs import LocalCA
 from tunnel_agent.tunnel.pump import WRITE_BUFFER_HIGH_BYTES
 
 CLOSE_BOUND_S = 2.5
-
-
-@pytest_asyncio.fixture
-async def stub() -> AsyncIterator[TcpCamera]:
-    cam = TcpCamera()
-    await cam.start()
-    yield cam
-    await cam.stop()
 
 
 async def test_camera_eof_closes_the_websocket_with_1000_after_the_data(

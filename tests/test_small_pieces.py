@@ -106,4 +106,3 @@ def test_configured_proxy_wins_and_environment_applies_otherwise() -> None:
 )
 def test_no_proxy_rules(host: str, no_proxy: str, bypass: bool) -> None:
     assert bypasses_proxy(host, no_proxy) is bypass
-

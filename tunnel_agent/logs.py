@@ -93,9 +93,6 @@ class EventLogger:
     def error(self, event: str, **fields: Any) -> None:
         self._log(logging.ERROR, event, fields)
 
-    def is_enabled_for(self, level: int) -> bool:
-        return self._logger.isEnabledFor(level)
-
     def _log(self, level: int, event: str, fields: dict[str, Any]) -> None:
         if self._logger.isEnabledFor(level):
             self._logger.log(level, event, extra={"fields": {**self._context, **fields}})

@@ -33,6 +33,7 @@ class TimestampValidator:
 
 
 EARLY_FRACTION = 0.1
+KEYFRAME_WINDOW = 8  # keyframe times the rate is estimated from
 KEYFRAMES_ON_MARGIN = (
     1.05  # decode keyframes only when every rate is within this of the keyframe rate
 )
@@ -69,8 +70,7 @@ class SnapshotPacer:
 class KeyframeRate:
     """Keyframes per second, estimated from the last few keyframe times."""
 
-    window: int = 8
-    _times: deque[float] = field(default_factory=lambda: deque(maxlen=8))
+    _times: deque[float] = field(default_factory=lambda: deque(maxlen=KEYFRAME_WINDOW))
 
     def keyframe(self, now: float) -> None:
         self._times.append(now)

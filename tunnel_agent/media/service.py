@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any, Protocol
+from typing import Any
 
 from tunnel_agent.config.settings import AgentSettings, CameraSettings
 from tunnel_agent.logs import SECRETS, EventLogger
@@ -26,11 +26,6 @@ from tunnel_agent.media.tasks.snapshot import SnapshotToFs, SnapshotToMqtt
 from tunnel_agent.media.urls import InvalidSource, SourceKind, parse_source
 
 WATCHDOG_EVERY_S = 1.0
-
-
-class Source(Protocol):
-    def check_watchdog(self, now: float) -> bool: ...
-    def status(self) -> dict[str, Any]: ...
 
 
 class MediaError(Exception):

@@ -101,7 +101,6 @@ class Relay:
         self._consumers: set[asyncio.Task[None]] = set()
         self._per_device: Counter[str] = Counter()
         self._last_purge = time.monotonic()
-        self.tunnels_opened = 0
         self.history: deque[TunnelRecord] = deque(maxlen=HISTORY_SIZE)
 
     # -- routes and sessions ------------------------------------------------------------------
@@ -250,7 +249,6 @@ class Relay:
                 took_ms=rtt_ms,
             )
             return
-        self.tunnels_opened += 1
         pending.open_rtt_ms = rtt_ms
         log.info("relay.tunnel_open", local_port=route.local_port, open_rtt_ms=rtt_ms)
         await pending.finished.wait()
@@ -303,9 +301,6 @@ class Relay:
         if now - self._last_purge > PURGE_EVERY_S:
             self._last_purge = now
             self.tokens.purge(now)
-
-    def open_tunnel_count(self) -> int:
-        return len(self.pending)
 
 
 async def _close_writer(writer: asyncio.StreamWriter) -> None:
