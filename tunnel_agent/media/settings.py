@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from tunnel_agent.config.base import Port, Section
+from tunnel_agent.config.urls import InvalidUrl, check_host, parse_url
 
 TaskType = Literal[
     "snapshot-to-mqtt", "snapshot-to-fs", "clip-to-fs", "stream-to-rtsp", "stream-to-rtsps"
@@ -54,6 +55,7 @@ CLIP_FORMATS = {
     "mjpeg": ("mjpeg", "mjpeg"),
 }
 DEFAULT_TOPIC = "azure-iot-operations/data/{camera}/{stream}"
+MQTT_SCHEMES = ("mqtt", "mqtts")
 
 
 class StreamSettings(Section):
@@ -115,6 +117,16 @@ class StreamSettings(Section):
             if isinstance(value, str)
             else value
         )
+
+    @field_validator("media_server_address")
+    @classmethod
+    def _check_media_server(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return check_host(value)
+        except InvalidUrl as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("topic")
     @classmethod
@@ -197,27 +209,24 @@ class MqttSettings(Section):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        scheme, sep, rest = value.partition("://")
-        host = rest.rsplit("@", 1)[-1].split("/", 1)[0]
-        if not sep or scheme not in ("mqtt", "mqtts") or not host:
-            raise ValueError("use mqtt://host[:port] or mqtts://host[:port]")
-        if "@" in rest:
+        try:
+            url = parse_url(value, MQTT_SCHEMES)
+        except InvalidUrl as exc:
+            raise ValueError(f"{exc}: use mqtt://host[:port] or mqtts://host[:port]") from None
+        if url.has_credentials:
             raise ValueError("put credentials in username and password, not in the URL")
+        if url.path not in ("", "/") or url.query is not None or url.fragment is not None:
+            raise ValueError("use mqtt://host[:port] or mqtts://host[:port], without a path")
         return value
 
     @property
     def tls(self) -> bool:
-        return self.url.startswith("mqtts://")
+        return parse_url(self.url, MQTT_SCHEMES).scheme == "mqtts"
 
     @property
     def host_port(self) -> tuple[str, int]:
-        authority = self.url.partition("://")[2].split("/", 1)[0]
-        if authority.startswith("["):
-            host, _, rest = authority[1:].partition("]")
-            port = rest.lstrip(":")
-        else:
-            host, _, port = authority.partition(":")
-        return host, int(port) if port else (8883 if self.tls else 1883)
+        url = parse_url(self.url, MQTT_SCHEMES)
+        return url.host, url.port or (8883 if url.scheme == "mqtts" else 1883)
 
     @model_validator(mode="after")
     def _pairs(self) -> Self:

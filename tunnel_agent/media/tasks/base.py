@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from typing import Generic, TypeVar
 
-from tunnel_agent.logs import EventLogger
+from tunnel_agent.logs import EventLogger, redact_text
 from tunnel_agent.media.backoff import Backoff
 from tunnel_agent.media.packets import CapturedFrame, MediaPacket, StreamTemplate
 from tunnel_agent.media.settings import StreamSettings
@@ -130,6 +130,8 @@ class MediaTask(Generic[Item]):
             self.log.warning("media.task_reset_failed", error=f"{type(exc).__name__}: {exc}")
 
     def _set_state(self, state: TaskState, reason: str | None = None, **fields: object) -> None:
+        # The reason goes to /status and the twin as well as the log: scrub it here, once.
+        reason = redact_text(reason) if reason is not None else None
         if state == self.state and reason == self.reason:
             return
         self.state, self.reason = state, reason
