@@ -1,4 +1,4 @@
-"""``tunnel-agent check`` prints no secret, and an empty ``allowed_remote_hosts`` is warned about."""
+"""``tunnel-agent check`` prints no secret and warns that an empty allow-list means any host."""
 
 from __future__ import annotations
 

@@ -125,7 +125,11 @@ class Agent:
                     description = "removed: streams from the configuration file restored"
                 else:
                     changes = parse_desired_streams(
-                        value, self.media.camera_settings, self.settings.mqtt is not None
+                        value,
+                        self.media.camera_settings,
+                        self.settings.mqtt is not None,
+                        self.settings.media,
+                        self._configured_streams,
                     )
                     description = "applied to " + (", ".join(changes) or "no camera")
             except DesiredError as exc:

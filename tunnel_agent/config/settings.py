@@ -274,6 +274,12 @@ class AgentSettings(FileAndEnvironmentSettings):
                         f" {ports[port]!r}; a localPort must mean one camera"
                     )
                 ports[port] = camera.name
+        streams = sum(len(camera.streams) for camera in self.cameras)
+        if streams > self.media.max_streams:
+            raise ValueError(
+                f"cameras: {streams} streams configured, more than media.max_streams"
+                f" ({self.media.max_streams})"
+            )
         return self
 
 

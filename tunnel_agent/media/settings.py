@@ -7,6 +7,7 @@ spellings (``taskType``, ``snapshotsPerSecond``, ``mediaServerAddress``, ...) an
 
 from __future__ import annotations
 
+import fnmatch
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -56,6 +57,7 @@ CLIP_FORMATS = {
 }
 DEFAULT_TOPIC = "azure-iot-operations/data/{camera}/{stream}"
 MQTT_SCHEMES = ("mqtt", "mqtts")
+TWIN_MIN_FREE_BYTES = 64 * 1024 * 1024  # the low-disk guard the twin cannot go below
 
 
 class StreamSettings(Section):
@@ -236,7 +238,8 @@ class MqttSettings(Section):
 
 
 class MediaSettings(Section):
-    """Tunables shared by all cameras' media work, in seconds."""
+    """Tunables shared by all cameras' media work (times in seconds), and what the cloud may
+    change through the ``mediaStreams`` twin property."""
 
     watchdog: Annotated[float, Field(gt=0, le=600)] = 10.0
     open_timeout: Annotated[float, Field(gt=0, le=120)] = 10.0
@@ -245,3 +248,16 @@ class MediaSettings(Section):
     stable_after: Annotated[float, Field(gt=0, le=3600)] = 60.0
     folder_image_interval: Annotated[float, Field(gt=0, le=3600)] = 1.0
     status_interval: Annotated[float, Field(gt=0, le=86_400)] = 60.0
+    # Relative stream paths (all of those from the twin) are folders under this one.
+    output_root: Path = Path("/var/lib/tunnel-agent/media")
+    # Streams on all cameras together, from the file and the twin: each costs a thread and a queue.
+    max_streams: Annotated[int, Field(ge=0, le=1024)] = 16
+    # Limits on what the twin may ask for (the file is the administrator's and is not limited).
+    allowed_media_servers: list[Annotated[str, Field(min_length=1, max_length=253)]] = []
+    allow_plain_restream_from_twin: bool = False
+    max_snapshots_per_second: Annotated[float, Field(gt=0, le=60)] = 5.0
+
+    def media_server_allowed(self, host: str) -> bool:
+        """Whether the twin may send video to ``host`` (globs, any case; none by default)."""
+        host = host.lower().rstrip(".")
+        return any(fnmatch.fnmatchcase(host, p.lower()) for p in self.allowed_media_servers)

@@ -99,6 +99,12 @@ class MediaTask(Generic[Item]):
 
     def _run(self) -> None:
         self._set_state(TaskState.WAITING)
+        try:
+            self.begin()
+        except TaskError as exc:
+            self._fail(str(exc))
+        except Exception as exc:
+            self._fail(f"{type(exc).__name__}: {exc}")
         while True:
             item = self._queue.get()
             if isinstance(item, _Stop):
@@ -154,6 +160,9 @@ class MediaTask(Generic[Item]):
 
     def handle(self, item: Item) -> None:
         raise NotImplementedError
+
+    def begin(self) -> None:
+        """Work before the first item, e.g. recovering the files a crash left."""
 
     def reset(self) -> None:
         """Drop whatever half-done work a failure left (an open file, a connection)."""
