@@ -170,8 +170,7 @@ async def test_a_clip_killed_mid_way_is_salvaged_at_the_next_start(
             lambda _: any(p.stat().st_size > 50_000 for p in clips.glob(".*.partial")), 20
         )
     finally:
-        os.killpg(agent.process.pid, signal.SIGKILL)
-        agent.process.wait(10)
+        agent.kill()
 
     finals = [p for p in clips.iterdir() if not p.name.startswith(".")]
     (partial,) = [p for p in clips.iterdir() if p.name.startswith(".")]
