@@ -35,9 +35,9 @@ class MalformedMp4(ValueError):
     """The muxer's output could not be parsed (a bug or a corrupted stream, never user input)."""
 
 
-def iter_boxes(data: bytes | memoryview, start: int = 0, end: int | None = None) -> Iterator[
-    tuple[bytes, memoryview]
-]:
+def iter_boxes(
+    data: bytes | memoryview, start: int = 0, end: int | None = None
+) -> Iterator[tuple[bytes, memoryview]]:
     """(type, payload) of each box in ``data[start:end]``."""
     view = memoryview(data)
     end = len(view) if end is None else end

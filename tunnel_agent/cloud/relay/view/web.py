@@ -347,4 +347,3 @@ def _file_response(name: str) -> web.StreamResponse:
     return web.Response(
         body=body, content_type=content_type, charset="utf-8", headers=SECURITY_HEADERS
     )
-
