@@ -152,21 +152,8 @@ def _allow(factories: list[GstRtspServer.RTSPMediaFactory], role: str) -> None:
         factory.set_permissions(permissions)
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    password = os.environ.get("RTSP_CAMERA_PASSWORD") or args.password
-    Gst.init(None)
-    missing = [e for e in REQUIRED_ELEMENTS if Gst.ElementFactory.find(e) is None]
-    if missing:
-        print(f"ERROR missing GStreamer elements: {', '.join(missing)}", flush=True)
-        return 1
-    if args.check:
-        print("OK", flush=True)
-        return 0
-    server = GstRtspServer.RTSPServer()
-    server.set_address(args.host)
-    server.set_service(str(args.port))
-
+def live_factory(args: argparse.Namespace) -> GstRtspServer.RTSPMediaFactory:
+    """The shared camera stream: test pattern or clock picture, H.264 or H.265, maybe AAC."""
     live = GstRtspServer.RTSPMediaFactory()
     source = CLOCK_SOURCE if args.clock else PATTERN_SOURCE
     launch = (source + ENCODERS[args.codec]).format(
@@ -184,6 +171,25 @@ def main(argv: list[str]) -> int:
         clock = ClockPicture(args.width, args.height, args.fps)
         live.connect("media-configure", lambda _factory, media: clock.attach(media))
     live.set_shared(True)
+    return live
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    password = os.environ.get("RTSP_CAMERA_PASSWORD") or args.password
+    Gst.init(None)
+    missing = [e for e in REQUIRED_ELEMENTS if Gst.ElementFactory.find(e) is None]
+    if missing:
+        print(f"ERROR missing GStreamer elements: {', '.join(missing)}", flush=True)
+        return 1
+    if args.check:
+        print("OK", flush=True)
+        return 0
+    server = GstRtspServer.RTSPServer()
+    server.set_address(args.host)
+    server.set_service(str(args.port))
+
+    live = live_factory(args)
     mounts = server.get_mount_points()
     mounts.add_factory(args.path, live)
 
