@@ -167,8 +167,7 @@ async def test_a_kill_never_leaves_a_half_written_file_under_a_final_name(
         agent.wait_event("media.clip_written", count=1, timeout_s=30)
         await asyncio.sleep(1.0)  # in the middle of the next clip
     finally:
-        os.killpg(agent.process.pid, signal.SIGKILL)
-        agent.process.wait(10)
+        agent.kill()
 
     finals = [p for p in clips.iterdir() if not p.name.startswith(".")]
     temporaries = [p for p in clips.iterdir() if p.name.startswith(".")]
