@@ -39,6 +39,7 @@ class ViewLimits:
     max_viewers: int = 16
     grace_s: float = 10.0
     queue_bytes: int = 4 * 1024 * 1024  # per viewer: several seconds of a typical camera
+    socket_send_buffer_bytes: int = 256 * 1024
     gop_cache_bytes: int = 16 * 1024 * 1024
     send_stall_s: float = 10.0  # a viewer whose socket takes no bytes this long is closed
     open_timeout_s: float = 10.0

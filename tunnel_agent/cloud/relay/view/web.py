@@ -13,6 +13,7 @@ import contextlib
 import hmac
 import json
 import secrets
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +202,7 @@ class ViewService:
             self.log.warning("view.viewer_refused", session=session_id, reason=verdict.code)
             await _refuse(ws, verdict.code, verdict.message, verdict.close_code)
             return ws
+        _limit_send_buffer(request, self.limits.socket_send_buffer_bytes)
         watch = await self._watch_for(verdict)
         viewer = Viewer(secrets.token_hex(4), self.limits)
         if not watch.add_viewer(viewer):
@@ -214,7 +216,7 @@ class ViewService:
         sender = asyncio.get_running_loop().create_task(_send(ws, viewer, self.limits))
         reason = "viewer closed"
         try:
-            reason = await _until_gone(ws, sender)
+            reason = await _until_gone(ws, sender, viewer)
             if reason == "socket stalled" and request.transport is not None:
                 request.transport.abort()
         finally:
@@ -290,7 +292,7 @@ async def _send(ws: web.WebSocketResponse, viewer: Viewer, limits: ViewLimits) -
                     viewer.bytes_sent += len(item)
 
 
-async def _until_gone(ws: web.WebSocketResponse, sender: asyncio.Task[None]) -> str:
+async def _until_gone(ws: web.WebSocketResponse, sender: asyncio.Task[None], viewer: Viewer) -> str:
     """Read (and ignore) what the page sends until it leaves or the sender stops."""
     receiving = asyncio.ensure_future(_drain_incoming(ws))
     try:
@@ -301,7 +303,7 @@ async def _until_gone(ws: web.WebSocketResponse, sender: asyncio.Task[None]) -> 
         error = sender.exception() if not sender.cancelled() else None
         if isinstance(error, TimeoutError):
             return "socket stalled"
-        return "told to go"
+        return viewer.closing or "sender stopped"
     return "viewer closed"
 
 
@@ -327,6 +329,15 @@ async def _close_for(ws: web.WebSocketResponse, reason: str | None) -> None:
         async with asyncio.timeout(2.0):
             await ws.send_str(json.dumps(message))
             await ws.close(code=code, message=message["code"].encode())
+
+
+def _limit_send_buffer(request: web.Request, size_bytes: int) -> None:
+    """Cap the kernel's send buffer for a viewer: its memory stays bounded, and a viewer that
+    stops reading shows up as a stalled write within seconds, not after megabytes."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size_bytes)
 
 
 def _same_origin(request: web.Request) -> bool:
