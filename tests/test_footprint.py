@@ -39,16 +39,17 @@ async def test_media_libraries_load_only_when_a_stream_needs_them(
         {
             "hub": own_hub.hub_config(),
             "cameras": [camera_entry(camera)],
+            "media": {"output_root": str(tmp_path / "media")},
             "observability": {"listen": f"127.0.0.1:{free_port()}", "twin_report_interval": 1},
         },
     )
-    snaps = tmp_path / "snaps"
+    snaps = tmp_path / "media" / "snaps"
     try:
         agent.wait_connected()
         assert loaded(agent) == {"av": False, "aiohttp": False, "aiomqtt": False}
 
         # The cloud gives the camera a snapshot task: PyAV is loaded then, and only PyAV.
-        stream = {"name": "s", "taskType": "snapshot-to-fs", "path": str(snaps)}
+        stream = {"name": "s", "taskType": "snapshot-to-fs", "path": "snaps"}
         desired = [{"camera": "lobby", "streams": [stream | {"snapshotsPerSecond": 2}]}]
         twin = own_hub.link.twin
         version = await servers.call(own_hub.link.send_desired({"mediaStreams": desired}))
