@@ -18,7 +18,7 @@ from tunnel_agent.config.proxy import InvalidProxy, ProxyAddress
 from tunnel_agent.logs import EventLogger
 from tunnel_agent.tunnel import contract
 from tunnel_agent.tunnel.errors import BAD_GATEWAY, TunnelError, camera_unreachable
-from tunnel_agent.tunnel.failures import websocket_failure
+from tunnel_agent.tunnel.failures import MSG_DNS, websocket_failure
 from tunnel_agent.tunnel.proxy_choice import choose_proxy
 from tunnel_agent.tunnel.pump import PumpLimits, Tunnel
 from tunnel_agent.tunnel.request import TunnelRequest
@@ -75,6 +75,8 @@ async def connect_tunnel(
         raise camera_unreachable(target.host, request.local_port) from None
 
     try:
+        if endpoint.never_resolves:
+            raise TunnelError(BAD_GATEWAY, endpoint.display, MSG_DNS)
         try:
             proxy = choose_proxy(endpoint.scheme, endpoint.host, options.proxy, options.environ)
         except InvalidProxy:
