@@ -39,6 +39,8 @@ class Session:
     server: asyncio.Server | None = None
     request: web.Request | None = None
     close_code: int | None = None
+    autoping: bool = True
+    pings: int = 0
     upgrade_requests: int = 0
     upgrade_requested: asyncio.Event = field(default_factory=asyncio.Event)
     release_upgrade: asyncio.Event | None = None
@@ -101,13 +103,18 @@ class TunnelEndpoint:
         handler: SessionHandler | None = None,
         *,
         hold_upgrade: bool = False,
+        autoping: bool = True,
     ) -> Session:
-        """A session; with ``hold_upgrade`` its upgrade waits until ``release_upgrade`` is set."""
+        """A session; with ``hold_upgrade`` its upgrade waits until ``release_upgrade`` is set.
+
+        Without ``autoping`` the handler sees PING messages and must answer them itself.
+        """
         session = Session(
             id=secrets.token_hex(4),
             token=token or secrets.token_urlsafe(24),
             handler=handler,
             release_upgrade=asyncio.Event() if hold_upgrade else None,
+            autoping=autoping,
         )
         session.consumer = asyncio.get_running_loop().create_future()
         if handler is None:
@@ -143,7 +150,7 @@ class TunnelEndpoint:
             return self._reject(request, 400)
         if session.release_upgrade is not None:
             await session.release_upgrade.wait()
-        ws = web.WebSocketResponse(max_msg_size=0, autoping=True)
+        ws = web.WebSocketResponse(max_msg_size=0, autoping=session.autoping)
         await ws.prepare(request)
         session.connections += 1
         session.request = request
