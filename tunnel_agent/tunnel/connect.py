@@ -67,6 +67,8 @@ async def connect_tunnel(
     """Connect the camera, then the WebSocket, and start pumping; or raise TunnelError."""
     loop = asyncio.get_running_loop()
     endpoint = request.endpoint
+    if endpoint.never_resolves:
+        raise TunnelError(BAD_GATEWAY, endpoint.display, MSG_DNS)
     tunnel = Tunnel(tunnel_id, target, endpoint.display, options.limits, log)
     try:
         async with asyncio.timeout(options.connect_timeout_s):
@@ -75,8 +77,6 @@ async def connect_tunnel(
         raise camera_unreachable(target.host, request.local_port) from None
 
     try:
-        if endpoint.never_resolves:
-            raise TunnelError(BAD_GATEWAY, endpoint.display, MSG_DNS)
         try:
             proxy = choose_proxy(endpoint.scheme, endpoint.host, options.proxy, options.environ)
         except InvalidProxy:
