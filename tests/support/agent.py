@@ -91,6 +91,9 @@ class AgentRunner:
         folder.mkdir(parents=True, exist_ok=True)
         if "observability" not in config:  # agents run side by side in tests: no fixed port
             config = {**config, "observability": {"listen": f"127.0.0.1:{free_port()}"}}
+        media = config.get("media", {})
+        if "output_root" not in media:  # never the device default, /var/lib/tunnel-agent
+            config = {**config, "media": {**media, "output_root": str(folder / "media")}}
         self.observability_url = f"http://{config['observability'].get('listen', '127.0.0.1:9400')}"
         self.config_file = folder / "agent.toml"
         self.config_file.write_text(toml_writer.dumps(config))
