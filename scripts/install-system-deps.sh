@@ -8,6 +8,7 @@ PACKAGES=(
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly gstreamer1.0-plugins-bad
   mosquitto mosquitto-clients tinyproxy microsocks ffmpeg socat
   chromium chromium-driver
+  gstreamer1.0-tools gstreamer1.0-libav iproute2
   systemd
 )
 
