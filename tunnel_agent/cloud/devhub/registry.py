@@ -84,11 +84,8 @@ def etag_matches(if_match: str | None, etag: str) -> bool:
     """``If-Match`` absent or ``*`` matches anything; quotes and ``W/`` are not part of the tag."""
     if if_match is None:
         return True
-    wanted = if_match.strip()
-    if wanted == "*":
-        return True
-    wanted = wanted.removeprefix("W/").strip('"')
-    return wanted == etag
+    wanted = if_match.strip().removeprefix("W/").strip('"')
+    return wanted in ("*", etag)
 
 
 @dataclass(frozen=True)
@@ -214,7 +211,7 @@ class DeviceRegistry:
         with self._changing() as document:
             existing = document["devices"].get(device_id)
             if existing is None:
-                if if_match not in (None, "*", '"*"'):
+                if if_match is not None and not etag_matches(if_match, "*"):
                     raise not_found(device_id)
                 device = _new_device(device_id, body)
             elif if_match is None:
