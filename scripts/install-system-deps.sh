@@ -7,6 +7,7 @@ PACKAGES=(
   python3 python3-venv python3-gi gir1.2-gst-rtsp-server-1.0
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly gstreamer1.0-plugins-bad
   mosquitto mosquitto-clients tinyproxy microsocks ffmpeg socat
+  chromium chromium-driver
   systemd
 )
 
