@@ -288,3 +288,48 @@ async def test_a_device_never_sees_another_devices_topics(hub: HubHarness) -> No
         assert all(c.name.startswith(theirs) for c in other.seen)
     finally:
         await hub.loop.call(other.stop())
+
+
+async def test_a_session_ends_when_its_sas_expires(hub: HubHarness) -> None:
+    device_id = unique("short-sas")
+    hub.add_device(device_id)
+    key = hub.devhub.registry.get(device_id)["authentication"]["symmetricKey"]["primaryKey"]  # type: ignore[index]
+    tls = ssl.create_default_context(cafile=str(hub.ca.cert_file))
+    expiry = int(time.time()) + 3
+    connected = False
+    with pytest.raises(aiomqtt.MqttError, match="connection was lost"):
+        async with aiomqtt.Client(
+            hub.host,
+            8883,
+            identifier=device_id,
+            tls_context=tls,
+            **device_credentials(hub, device_id, key, expiry),
+        ) as client:
+            await client.subscribe("$iothub/methods/POST/#")
+            connected = True  # the SUBACK came: the session was open
+            async with asyncio.timeout(15):
+                async for _ in client.messages:
+                    pass
+    assert connected
+    assert time.time() >= expiry  # ended by the hub at the SAS's expiry, not before
+    hub.wait_device_gone(device_id=device_id)
+
+
+async def test_mqtt_over_websockets_on_port_443(
+    tmp_path: Path, ca: LocalCA, servers: ThreadLoop
+) -> None:
+    """``hub.websockets = true``: the SDK speaks MQTT inside wss://<host>:443/$iothub/websocket."""
+    hub = HubHarness(tmp_path, ca, servers, device_id="ws-cam", websocket_port=443)
+    agent = AgentRunner(
+        tmp_path / "agent", {"hub": {**hub.hub_config(), "websockets": True}, "cameras": []}
+    )
+    try:
+        agent.wait_connected()
+        hub.wait_device()
+        await assert_method_round_trip(hub, "ws-cam")
+        assert hub.link.twin.model_id == MODEL_ID
+        sessions = hub.devhub.door.sessions[("device", "ws-cam")]
+        assert [session.transport for session in sessions] == ["websocket"]
+    finally:
+        agent.stop()
+        hub.stop()

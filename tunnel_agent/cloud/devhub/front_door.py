@@ -91,9 +91,13 @@ class FrontDoor:
         self._servers.append(server)
 
     def session(
-        self, client: ClientLink, peer: Callable[[], bytes | None], authenticate: Authenticate
+        self,
+        client: ClientLink,
+        peer: Callable[[], bytes | None],
+        authenticate: Authenticate,
+        transport: str,
     ) -> DoorSession:
-        return DoorSession(self, client, peer, authenticate)
+        return DoorSession(self, client, peer, authenticate, transport)
 
     def disconnect(self, kind: str, name: str) -> int:
         """Close every session of a device (disabled, deleted) or registration; how many."""
@@ -142,11 +146,13 @@ class DoorSession:
         client: ClientLink,
         peer: Callable[[], bytes | None],
         authenticate: Authenticate,
+        transport: str,
     ) -> None:
         self.door = door
         self.client = client
         self.peer = peer
         self.authenticate = authenticate
+        self.transport = transport  # "tls" or "websocket"
         self.principal: Principal | None = None
         self._reader = mqtt.PacketReader(MAX_PACKET_BYTES)
         self._upstream: _Upstream | None = None
@@ -319,6 +325,7 @@ class DoorSession:
             "devhub.client_connected",
             kind=principal.kind,
             client=principal.name,
+            transport=self.transport,
             session_present=session_present,
         )
         held, self._held = self._held, []
@@ -429,7 +436,7 @@ class _TlsClient(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_BYTES)
-        self.session = self.door.session(self, self.tls.peer_certificate, self.authenticate)
+        self.session = self.door.session(self, self.tls.peer_certificate, self.authenticate, "tls")
 
     def data_received(self, data: bytes) -> None:
         session = self.session

@@ -64,7 +64,7 @@ def websocket_app(door: FrontDoor, path: str, authenticate: Authenticate) -> web
                 return ssl_object.getpeercert(binary_form=True)
             return None
 
-        session = door.session(client, peer, authenticate)
+        session = door.session(client, peer, authenticate, "websocket")
         sender = asyncio.get_running_loop().create_task(client.send_all())
         try:
             async for message in socket:
