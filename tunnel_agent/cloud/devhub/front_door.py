@@ -217,9 +217,6 @@ class DoorSession:
                 return
             self._subscribes[packet_id] = plan
             self._to_broker(mqtt.encode_subscribe(packet_id, plan.forwarded))
-            self.door.config.events.subscribed(
-                principal, [f for f, _ in filters if principal.subscription(f, 0) is not None]
-            )
         elif packet.kind == mqtt.UNSUBSCRIBE:
             packet_id, topics = mqtt.parse_unsubscribe(packet.body)
             mapped = [m[0] for t in topics if (m := principal.subscription(t, 0)) is not None]
@@ -296,9 +293,12 @@ class DoorSession:
         elif packet.kind == mqtt.SUBACK:
             packet_id, codes = mqtt.parse_suback(packet.body)
             plan = self._subscribes.pop(packet_id, None)
-            self.client.write(
-                mqtt.encode_suback(packet_id, plan.merge(codes) if plan is not None else codes)
-            )
+            if plan is None:
+                self.client.write(mqtt.encode_suback(packet_id, codes))
+                return
+            # The subscription exists from here on, not from the client's SUBSCRIBE.
+            self.door.config.events.subscribed(principal, plan.granted(codes))
+            self.client.write(mqtt.encode_suback(packet_id, plan.merge(codes)))
         else:
             self.client.write(packet.encode())
 
