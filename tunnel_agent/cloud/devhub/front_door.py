@@ -367,6 +367,15 @@ class DoorSession:
         elif reason is not None and principal is not None:
             self.log.info("devhub.client_closed", client=principal.name, reason=reason)
 
+    def pause_broker(self) -> None:
+        """The client reads slowly: stop reading from the broker until it catches up."""
+        if self._upstream is not None:
+            self._upstream.pause_reading()
+
+    def resume_broker(self) -> None:
+        if self._upstream is not None:
+            self._upstream.resume_reading()
+
     def broker_lost(self) -> None:
         self.close("broker connection lost")
 
@@ -467,14 +476,12 @@ class _TlsClient(asyncio.Protocol):
             self.session.client_lost()
 
     def pause_writing(self) -> None:
-        upstream = self.session._upstream if self.session is not None else None
-        if upstream is not None:
-            upstream.pause_reading()
+        if self.session is not None:
+            self.session.pause_broker()
 
     def resume_writing(self) -> None:
-        upstream = self.session._upstream if self.session is not None else None
-        if upstream is not None:
-            upstream.resume_reading()
+        if self.session is not None:
+            self.session.resume_broker()
 
     # ClientLink
     def write(self, data: bytes) -> None:
