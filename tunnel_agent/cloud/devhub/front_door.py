@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ssl
 import time
 from collections.abc import Callable
@@ -36,6 +37,9 @@ from tunnel_agent.logs import EventLogger
 
 CONNECT_TIMEOUT_S = 10.0
 UPSTREAM_TIMEOUT_S = 10.0
+UPSTREAM_ATTEMPTS = 5
+UPSTREAM_RETRY_S = 0.1
+UPSTREAM_OPENING_LIMIT = 32  # broker connections being opened at once
 MAX_PACKET_BYTES = 270_000  # IoT Hub's 256 KiB messages plus headers
 WRITE_HIGH_BYTES = 256 * 1024
 
@@ -79,6 +83,7 @@ class FrontDoor:
     def __init__(self, config: DoorConfig) -> None:
         self.config = config
         self.sessions: dict[tuple[str, str], set[DoorSession]] = {}
+        self.opening = asyncio.Semaphore(UPSTREAM_OPENING_LIMIT)
         self._servers: list[asyncio.Server] = []
 
     async def listen_tls(
@@ -158,6 +163,7 @@ class DoorSession:
         self._upstream: _Upstream | None = None
         self._held: list[bytes] = []  # client packets that arrive before the broker's CONNACK
         self._subscribes: dict[int, SubscribePlan] = {}
+        self._opening: asyncio.Task[None] | None = None  # held: a task nobody holds can vanish
         self._closed = False
         self._open = False
         loop = asyncio.get_running_loop()
@@ -187,7 +193,7 @@ class DoorSession:
 
     def _from_client(self, packet: mqtt.Packet) -> None:
         if self.principal is None:
-            if self._upstream is not None or packet.kind != mqtt.CONNECT:
+            if packet.kind != mqtt.CONNECT:
                 raise mqtt.ProtocolError("the first packet must be CONNECT")
             self._connect(packet.body)
             return
@@ -249,8 +255,7 @@ class DoorSession:
         upstream_connect = mqtt.Connect(
             f"{principal.namespace}", connect.clean_session, connect.keepalive_s
         )
-        self._upstream = _Upstream(self)
-        asyncio.get_running_loop().create_task(
+        self._opening = asyncio.get_running_loop().create_task(
             self._open_upstream(mqtt.encode_connect(upstream_connect))
         )
 
@@ -262,22 +267,37 @@ class DoorSession:
         self.close(None)
 
     async def _open_upstream(self, connect: bytes) -> None:
-        upstream = self._upstream
-        assert upstream is not None
+        """Connect to the broker and send the session's CONNECT; the CONNACK goes to the client.
+
+        A burst of devices (a thousand reconnecting at once) can overflow the unix socket's
+        backlog: a connection the broker never accepted is lost before its CONNACK, so openings
+        are limited in number and retried.
+        """
         loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(UPSTREAM_TIMEOUT_S):
-                await loop.create_unix_connection(lambda: upstream, self.door.config.broker_socket)
-        except (OSError, TimeoutError) as exc:
-            if not self._closed:
-                self.log.error("devhub.broker_unreachable", error=str(exc))
-                self.client.write(mqtt.encode_connack(False, CONNACK_SERVER_UNAVAILABLE))
-                self.close(None)
-            return
-        if self._closed:
-            upstream.close()
-            return
-        upstream.write(connect)
+        failure = "no attempt"
+        async with self.door.opening:
+            for attempt in range(UPSTREAM_ATTEMPTS):
+                if self._closed:
+                    return
+                upstream = self._upstream = _Upstream(self)
+                try:
+                    async with asyncio.timeout(UPSTREAM_TIMEOUT_S):
+                        path = self.door.config.broker_socket
+                        await loop.create_unix_connection(functools.partial(_same, upstream), path)
+                        upstream.write(connect)
+                        connack = await upstream.connack
+                except (OSError, TimeoutError) as exc:
+                    upstream.close()
+                    failure = str(exc) or type(exc).__name__
+                    await asyncio.sleep(UPSTREAM_RETRY_S * (attempt + 1))
+                    continue
+                if not self._closed:
+                    self._connack(connack)
+                return
+        if not self._closed:
+            self.log.error("devhub.broker_unreachable", error=failure)
+            self.client.write(mqtt.encode_connack(False, CONNACK_SERVER_UNAVAILABLE))
+            self.close(None)
 
     # -- from the broker ---------------------------------------------------------------------
 
@@ -288,8 +308,6 @@ class DoorSession:
             topic = principal.outbound_topic(mqtt.publish_topic(packet.body))
             if topic is not None:
                 self.client.write(mqtt.with_topic(packet.flags, packet.body, topic))
-        elif packet.kind == mqtt.CONNACK:
-            self._connack(packet.body)
         elif packet.kind == mqtt.SUBACK:
             packet_id, codes = mqtt.parse_suback(packet.body)
             plan = self._subscribes.pop(packet_id, None)
@@ -383,12 +401,18 @@ class DoorSession:
         self.close(None)
 
 
+def _same(protocol: _Upstream) -> _Upstream:
+    """A protocol factory that hands out one given protocol."""
+    return protocol
+
+
 class _Upstream(asyncio.Protocol):
     """The session's own connection to mosquitto (unix socket)."""
 
     def __init__(self, session: DoorSession) -> None:
         self.session = session
         self.transport: asyncio.Transport | None = None
+        self.connack: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._reader = mqtt.PacketReader(MAX_PACKET_BYTES)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -398,13 +422,22 @@ class _Upstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             for packet in self._reader.feed(data):
-                self.session.broker_packet(packet)
+                if self.connack.done():
+                    self.session.broker_packet(packet)
+                elif packet.kind == mqtt.CONNACK:
+                    self.connack.set_result(packet.body)
+                else:
+                    self.session.close(f"broker sent packet type {packet.kind} before CONNACK")
+                    return
         except mqtt.ProtocolError as exc:
             self.session.close(f"broker protocol error: {exc}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self.session.broker_lost()
+        if self.connack.done():
+            self.session.broker_lost()
+        else:
+            self.connack.set_exception(ConnectionResetError("broker closed before CONNACK"))
 
     def pause_writing(self) -> None:
         self.session.client.pause_reading()
