@@ -2,13 +2,28 @@
 
 Session-scoped servers (hub broker, cameras, WebSocket endpoint) run in child processes or on a
 background event loop so that each test keeps its own loop; agents are per test.
+
+Every agent is checked (``AgentRunner``, whether from ``agent_factory`` or made by hand). After
+each test, a test fails if an agent's log gained an ERROR or CRITICAL line or a traceback during
+it, or if an agent exited with a code other than the one expected (0 by default, as SIGTERM
+should end it). Agents a test leaves running are stopped first; agents of a module fixture are
+checked after each test for their log and at the module's end for their exit code.
+
+A test that provokes an error names the ERROR events it expects, as narrowly as it can:
+
+- for one agent: ``AgentRunner(..., expected_errors={"media.task_failed"})`` or
+  ``agent_factory(cameras, expected_errors={"media.task_failed"})``;
+- for every agent of one test: ``@pytest.mark.agent_errors("media.task_failed")``.
+
+Tracebacks are never allowed. A test that kills an agent on purpose says so with
+``agent.kill()``, or ``expected_exit=None`` (any code) or a code (``expected_exit=1``).
 """
 
 from __future__ import annotations
 
 import shutil
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +59,32 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     stop_all()
+
+
+def _check_agents(request: pytest.FixtureRequest, earlier: list[AgentRunner]) -> None:
+    """Fail on problems of every agent; those started in this scope are stopped first."""
+    allowed = {event for mark in request.node.iter_markers("agent_errors") for event in mark.args}
+    for runner in AgentRunner.instances:
+        if runner not in earlier:
+            runner.stop()
+    problems = [p for runner in AgentRunner.instances for p in runner.take_problems(allowed)]
+    AgentRunner.instances[:] = [r for r in AgentRunner.instances if not r.checked_to_the_end]
+    if problems:
+        pytest.fail("agent log or exit code:\n" + "\n".join(problems), pytrace=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_agents_end_cleanly(request: pytest.FixtureRequest) -> Iterator[None]:
+    earlier = list(AgentRunner.instances)
+    yield
+    _check_agents(request, earlier)
+
+
+@pytest.fixture(autouse=True)
+def _agents_end_cleanly(request: pytest.FixtureRequest) -> Iterator[None]:
+    earlier = list(AgentRunner.instances)
+    yield
+    _check_agents(request, earlier)
 
 
 @pytest.fixture(scope="session")
@@ -133,7 +174,7 @@ AgentFactory = Callable[..., AgentRunner]
 
 @pytest.fixture
 def agent_factory(tmp_path: Path, hub: HubHarness, ca: LocalCA) -> Iterator[AgentFactory]:
-    """Start agents with the hub and CA filled in; each is stopped after the test."""
+    """Start agents with the hub and CA filled in; each is stopped and checked after the test."""
     started: list[AgentRunner] = []
 
     def start(
@@ -144,6 +185,8 @@ def agent_factory(tmp_path: Path, hub: HubHarness, ca: LocalCA) -> Iterator[Agen
         extra: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         wait: bool = True,
+        expected_errors: Iterable[str] = (),
+        expected_exit: int | None = 0,
     ) -> AgentRunner:
         config: dict[str, Any] = {
             "hub": hub_config or hub.hub_config(),
@@ -151,7 +194,13 @@ def agent_factory(tmp_path: Path, hub: HubHarness, ca: LocalCA) -> Iterator[Agen
             "cameras": cameras,
             **(extra or {}),
         }
-        runner = AgentRunner(tmp_path / f"agent{len(started)}", config, env=env)
+        runner = AgentRunner(
+            tmp_path / f"agent{len(started)}",
+            config,
+            env=env,
+            expected_errors=expected_errors,
+            expected_exit=expected_exit,
+        )
         started.append(runner)
         if wait:
             runner.wait_connected()

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tunnel_agent import __version__
-from tunnel_agent.config.settings import AgentSettings, CameraSettings
+from tunnel_agent.config.settings import AgentSettings, CameraSettings, any_remote_host_warning
 from tunnel_agent.hub.link import HubLink
 from tunnel_agent.logs import SECRETS, EventLogger
 from tunnel_agent.media.desired import (
@@ -43,26 +43,6 @@ def camera_targets(cameras: list[CameraSettings]) -> list[CameraTarget]:
         for c in cameras
         for port in c.ports
     ]
-
-
-def register_configured_secrets(settings: AgentSettings) -> None:
-    """Tell the log scrubber every secret the configuration holds."""
-    for camera in settings.cameras:
-        if camera.password is not None:
-            SECRETS.add(camera.password.get_secret_value())
-    proxy = settings.proxy.address
-    if proxy is not None:
-        SECRETS.add(proxy.password)
-    hub = settings.hub
-    if hub is not None:
-        for secret in (hub.symmetric_key, hub.key_passphrase):
-            if secret is not None:
-                SECRETS.add(secret.get_secret_value())
-        if hub.connection_string is not None:
-            for part in hub.connection_string.get_secret_value().split(";"):
-                key, _, value = part.partition("=")
-                if key == "SharedAccessKey":
-                    SECRETS.add(value)
 
 
 def build_tunnel_service(settings: AgentSettings, environ: Mapping[str, str]) -> TunnelService:
@@ -145,7 +125,11 @@ class Agent:
                     description = "removed: streams from the configuration file restored"
                 else:
                     changes = parse_desired_streams(
-                        value, self.media.camera_settings, self.settings.mqtt is not None
+                        value,
+                        self.media.camera_settings,
+                        self.settings.mqtt is not None,
+                        self.settings.media,
+                        self._configured_streams,
                     )
                     description = "applied to " + (", ".join(changes) or "no camera")
             except DesiredError as exc:
@@ -164,7 +148,11 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then: refuse new tunnels, close open ones, disconnect."""
-        register_configured_secrets(self.settings)
+        for secret in self.settings.secrets():
+            SECRETS.add(secret)
+        warning = any_remote_host_warning(self.settings)
+        if warning is not None:
+            self.log.warning("agent.any_remote_host", reason=warning)
         self.log.info(
             "agent.started",
             version=__version__,

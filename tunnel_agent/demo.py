@@ -225,7 +225,10 @@ class Demo:
             f'connection_string = "{connection_string}"\n'
             f'ca_file = "{ca_file}"\n\n'
             "[tunnel]\n"
-            f'ca_file = "{ca_file}"\n\n'
+            f'ca_file = "{ca_file}"\n'
+            'allowed_remote_hosts = ["127.0.0.1"]\n\n'
+            "[media]\n"
+            f'output_root = "{self.folder / "media"}"\n\n'
             "[[cameras]]\n"
             'name = "demo"\n'
             'host = "127.0.0.1"\n'

@@ -68,6 +68,11 @@ class ManagedProcess:
         if self.process.poll() is None:
             self.process.send_signal(sig)
 
+    def kill(self) -> None:
+        """SIGKILL the whole process group, as a crash or a power cut would end it."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+
     def wait(self, timeout_s: float) -> int:
         return self.process.wait(timeout_s)
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from pathlib import Path
 from typing import Any
 
 from tunnel_agent.config.settings import AgentSettings, CameraSettings
 from tunnel_agent.logs import SECRETS, EventLogger
 from tunnel_agent.media.backoff import Backoff
+from tunnel_agent.media.files import PathRefused, stream_folder
 from tunnel_agent.media.http_source import HttpSnapshotSource
 from tunnel_agent.media.mqtt import MqttPublisher, OutgoingMessage
 from tunnel_agent.media.settings import MediaSettings, StreamSettings
@@ -34,6 +36,14 @@ class MediaError(Exception):
 
 def _backoff(media: MediaSettings) -> Backoff:
     return Backoff(media.backoff_initial, media.backoff_max, media.stable_after)
+
+
+def _folder(stream: StreamSettings, media: MediaSettings) -> Path:
+    assert stream.path is not None
+    try:
+        return stream_folder(stream.path, media.output_root)
+    except PathRefused as exc:
+        raise MediaError(f"path {exc}") from None
 
 
 class CameraMedia:
@@ -83,9 +93,9 @@ class CameraMedia:
         if kind == "snapshot-to-mqtt":
             return SnapshotToMqtt(self.camera.name, stream, _backoff(media), publish)
         if kind == "snapshot-to-fs":
-            return SnapshotToFs(self.camera.name, stream, _backoff(media))
+            return SnapshotToFs(self.camera.name, stream, _backoff(media), _folder(stream, media))
         if kind == "clip-to-fs":
-            return ClipToFs(self.camera.name, stream, _backoff(media))
+            return ClipToFs(self.camera.name, stream, _backoff(media), _folder(stream, media))
         return StreamToRtsp(self.camera.name, stream, _backoff(media))
 
     def start(self) -> None:

@@ -5,6 +5,11 @@ gir1.2-gst-rtsp-server-1.0), not a virtual environment:
 
     /usr/bin/python3 rtsp_camera.py --port 8554 --path /test [--user U --password P]
 
+``--codec h265`` serves H.265, ``--audio`` adds an AAC track, and ``--clock`` replaces the test
+pattern with the camera's wall clock burned into the picture: the top ``CLOCK_BAND_ROWS`` rows hold
+``CLOCK_BITS`` black/white blocks, the epoch time in milliseconds modulo 2**32, most significant bit
+first, so a viewer can measure camera-to-screen latency from the picture alone.
+
 It can also serve a RECORD mount (``--record-path``) that accepts ANNOUNCE/RECORD publishers and
 counts the frames it decodes, for re-streaming tests. It prints ``READY <port>`` once listening,
 ``RECORD <n>`` every second while a publisher is decoded, and stops on SIGTERM or SIGINT.
@@ -18,6 +23,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 
 import gi
 
@@ -25,12 +31,26 @@ gi.require_version("Gst", "1.0")
 gi.require_version("GstRtspServer", "1.0")
 from gi.repository import Gio, GLib, Gst, GstRtspServer  # noqa: E402
 
-LIVE_SOURCE = (
+PATTERN_SOURCE = (
     "videotestsrc is-live=true pattern={pattern} ! "
-    "video/x-raw,width={width},height={height},framerate={fps}/1 ! "
-    "x264enc tune=zerolatency speed-preset=ultrafast key-int-max={gop} bitrate={kbps} ! "
-    "rtph264pay name=pay0 pt=96 config-interval=1"
+    "video/x-raw,format=I420,width={width},height={height},framerate={fps}/1 ! "
 )
+ENCODERS = {
+    "h264": "x264enc tune=zerolatency speed-preset=ultrafast key-int-max={gop} bitrate={kbps} ! "
+    "rtph264pay name=pay0 pt=96 config-interval=1",
+    "h265": "x265enc tune=zerolatency speed-preset=ultrafast key-int-max={gop} bitrate={kbps} ! "
+    "rtph265pay name=pay0 pt=96 config-interval=1",
+}
+CLOCK_SOURCE = (
+    "appsrc name=clock is-live=true do-timestamp=true format=time "
+    "caps=video/x-raw,format=I420,width={width},height={height},framerate={fps}/1 ! "
+)
+AUDIO_BRANCH = (
+    " audiotestsrc is-live=true wave=sine freq=440 ! audioconvert ! audioresample ! "
+    "audio/x-raw,rate=48000,channels=1 ! voaacenc bitrate=64000 ! rtpmp4gpay name=pay1 pt=97"
+)
+CLOCK_BITS = 32
+CLOCK_BAND_ROWS = 32
 REQUIRED_ELEMENTS = ("videotestsrc", "x264enc", "rtph264pay", "decodebin", "videoconvert")
 RECORD_SINK = "( decodebin name=depay0 ! videoconvert ! fakesink name=frames signal-handoffs=true )"
 
@@ -48,10 +68,48 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gop", type=int, default=15, help="frames between keyframes")
     parser.add_argument("--kbps", type=int, default=1000)
     parser.add_argument("--pattern", default="smpte")
+    parser.add_argument("--codec", choices=sorted(ENCODERS), default="h264")
+    parser.add_argument("--audio", action="store_true", help="add an AAC audio track")
+    parser.add_argument("--clock", action="store_true", help="burn the wall clock into the picture")
     parser.add_argument("--record-path", help="also serve a RECORD mount at this path")
     parser.add_argument("--tls-cert", help="PEM certificate + key file: serve RTSPS")
     parser.add_argument("--check", action="store_true", help="check the GStreamer plugins and exit")
     return parser.parse_args(argv)
+
+
+class ClockPicture:
+    """Pushes frames that show the wall clock (see the module docstring) into an appsrc."""
+
+    def __init__(self, width: int, height: int, fps: int) -> None:
+        self.width, self.height, self.fps = width, height, fps
+        self.bit_width = width // CLOCK_BITS
+        rest = bytes([128]) * (width * (height - CLOCK_BAND_ROWS))
+        self.tail = rest + bytes([128]) * (width * height // 2)  # grey below, neutral chroma
+
+    def frame(self, epoch_ms: int) -> bytes:
+        value = epoch_ms % 2**CLOCK_BITS
+        row = bytearray()
+        for bit in range(CLOCK_BITS):
+            on = value >> (CLOCK_BITS - 1 - bit) & 1
+            row += bytes([235 if on else 16]) * self.bit_width
+        row += bytes([128]) * (self.width - len(row))
+        return bytes(row) * CLOCK_BAND_ROWS + self.tail
+
+    def attach(self, media: GstRtspServer.RTSPMedia) -> None:
+        source = media.get_element().get_by_name("clock")
+        if source is None:
+            return
+        running = [True]
+        media.connect("unprepared", lambda *_: running.__setitem__(0, False))
+
+        def push() -> bool:
+            if not running[0]:
+                return False
+            data = self.frame(int(time.time() * 1000))
+            source.emit("push-buffer", Gst.Buffer.new_wrapped(data))
+            return True
+
+        GLib.timeout_add(max(1, 1000 // self.fps), push)
 
 
 class FrameCounter:
@@ -94,6 +152,28 @@ def _allow(factories: list[GstRtspServer.RTSPMediaFactory], role: str) -> None:
         factory.set_permissions(permissions)
 
 
+def live_factory(args: argparse.Namespace) -> GstRtspServer.RTSPMediaFactory:
+    """The shared camera stream: test pattern or clock picture, H.264 or H.265, maybe AAC."""
+    live = GstRtspServer.RTSPMediaFactory()
+    source = CLOCK_SOURCE if args.clock else PATTERN_SOURCE
+    launch = (source + ENCODERS[args.codec]).format(
+        pattern=args.pattern,
+        width=args.width,
+        height=args.height,
+        fps=args.fps,
+        gop=args.gop,
+        kbps=args.kbps,
+    )
+    if args.audio:
+        launch += AUDIO_BRANCH
+    live.set_launch(f"( {launch} )")
+    if args.clock:
+        clock = ClockPicture(args.width, args.height, args.fps)
+        live.connect("media-configure", lambda _factory, media: clock.attach(media))
+    live.set_shared(True)
+    return live
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     password = os.environ.get("RTSP_CAMERA_PASSWORD") or args.password
@@ -109,17 +189,7 @@ def main(argv: list[str]) -> int:
     server.set_address(args.host)
     server.set_service(str(args.port))
 
-    live = GstRtspServer.RTSPMediaFactory()
-    launch = LIVE_SOURCE.format(
-        pattern=args.pattern,
-        width=args.width,
-        height=args.height,
-        fps=args.fps,
-        gop=args.gop,
-        kbps=args.kbps,
-    )
-    live.set_launch(f"( {launch} )")
-    live.set_shared(True)
+    live = live_factory(args)
     mounts = server.get_mount_points()
     mounts.add_factory(args.path, live)
 

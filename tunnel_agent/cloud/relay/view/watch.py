@@ -1,0 +1,359 @@
+"""One watched session: one tunnel, one remuxer, any number of viewers (up to the limit).
+
+The first viewer starts it: the loopback gate asks the relay for a tunnel, the remuxer reads the
+camera through it, and every fragment goes into each viewer's bounded queue, from which that
+viewer's own sender writes to its WebSocket. The camera connection is restarted with backoff when
+it ends (a camera restart, a dropped tunnel), each time as a new *generation* with its own init
+segment. When the last viewer leaves, the tunnel stays up ``grace_s`` in case someone comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tunnel_agent.cloud.relay.view.fanout import GopCache, Offer, ViewerQueue
+from tunnel_agent.cloud.relay.view.gate import LoopbackGate, TunnelJoin
+from tunnel_agent.cloud.relay.view.remux import CameraStreamError, remux
+from tunnel_agent.cloud.relay.view.segments import Fragment, InitSegment, Keyframe
+from tunnel_agent.cloud.relay.view.snapshot import keyframe_to_jpeg
+from tunnel_agent.logs import EventLogger, redact_text
+from tunnel_agent.media.backoff import Backoff
+
+BITRATE_WINDOW_S = 2.0
+STATUS_EVERY_S = 1.0
+THREAD_JOIN_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class ViewLimits:
+    """Tunables of the view (the relay's settings fill them in)."""
+
+    max_viewers: int = 16
+    grace_s: float = 10.0
+    queue_bytes: int = 4 * 1024 * 1024  # per viewer: several seconds of a typical camera
+    socket_send_buffer_bytes: int = 256 * 1024
+    gop_cache_bytes: int = 16 * 1024 * 1024
+    send_stall_s: float = 10.0  # a viewer whose socket takes no bytes this long is closed
+    open_timeout_s: float = 10.0
+    read_timeout_s: float = 10.0
+    retry_initial_s: float = 1.0
+    retry_max_s: float = 15.0
+    snapshot_wait_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class WatchTarget:
+    """What to watch: the session's device and camera port, and where the stream is on it."""
+
+    session_id: str
+    device_id: str
+    local_port: int
+    rtsp_path: str = "/"
+    username: str | None = None
+    password: str | None = None
+
+
+class ViewerGone(Exception):
+    """Raised in a viewer's sender when the watch tells it to leave."""
+
+
+class Viewer:
+    """One WebSocket viewer: its queue and the event that wakes its sender."""
+
+    def __init__(self, viewer_id: str, limits: ViewLimits) -> None:
+        self.id = viewer_id
+        self.queue = ViewerQueue(limits.queue_bytes)
+        self.wake = asyncio.Event()
+        self.closing: str | None = None  # why the watch wants this viewer gone
+        self.bytes_sent = 0
+
+    def push_status(self, status: dict[str, Any]) -> None:
+        self.queue.set_status(json.dumps(status))
+        self.wake.set()
+
+    def tell_to_go(self, reason: str) -> None:
+        self.closing = reason
+        self.wake.set()
+
+
+class _ThreadSink:
+    """Hands the remuxer's results from its thread to the watch on the event loop."""
+
+    def __init__(self, watch: Watch, loop: asyncio.AbstractEventLoop, generation: int) -> None:
+        self._watch = watch
+        self._loop = loop
+        self._generation = generation
+
+    def on_init(self, init: InitSegment) -> None:
+        self._loop.call_soon_threadsafe(self._watch.on_init, init)
+
+    def on_fragment(self, fragment: Fragment) -> None:
+        self._loop.call_soon_threadsafe(self._watch.on_fragment, fragment)
+
+    def on_keyframe(self, keyframe: Keyframe) -> None:
+        self._loop.call_soon_threadsafe(self._watch.on_keyframe, keyframe)
+
+
+class Watch:
+    def __init__(
+        self,
+        target: WatchTarget,
+        join: TunnelJoin,
+        limits: ViewLimits,
+        on_closed: Callable[[Watch], None],
+    ) -> None:
+        self.target = target
+        self.limits = limits
+        self.log = EventLogger("tunnel_agent.relay.view", session=target.session_id)
+        self.gate = LoopbackGate(join)
+        self.cache = GopCache(limits.gop_cache_bytes)
+        self.viewers: dict[str, Viewer] = {}
+        self.state = "starting"
+        self.reason: str | None = None
+        self.init: InitSegment | None = None
+        self.keyframe: Keyframe | None = None
+        self.generation = 0
+        self.keyframe_arrived = asyncio.Event()
+        self.tunnels_opened = 0
+        self._on_closed = on_closed
+        self._stop = threading.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._status_task: asyncio.Task[None] | None = None
+        self._grace: asyncio.TimerHandle | None = None
+        self._holds = 0  # snapshot requests keeping the watch up without a viewer
+        self._recent: deque[tuple[float, int]] = deque()
+        self._snapshot: tuple[int, int, bytes, int, int] | None = None  # gen, seq, jpeg, w, h
+        self.closed = False
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.gate.start()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._status_task = asyncio.get_running_loop().create_task(self._report())
+        self.log.info("view.watch_started", device=self.target.device_id)
+
+    async def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._grace is not None:
+            self._grace.cancel()
+        self._stop.set()
+        for viewer in self.viewers.values():
+            viewer.tell_to_go(reason)
+        await self.gate.close()
+        for task in (self._task, self._status_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self.log.info("view.watch_closed", reason=reason, tunnels=self.gate.connections)
+        self._on_closed(self)
+
+    def _idle(self) -> bool:
+        return not self.viewers and self._holds == 0
+
+    def _maybe_start_grace(self) -> None:
+        if self._idle() and self._grace is None and not self.closed:
+            loop = asyncio.get_running_loop()
+            self._grace = loop.call_later(
+                self.limits.grace_s,
+                lambda: loop.create_task(self.close("no viewers")),
+            )
+
+    def _cancel_grace(self) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+
+    # -- viewers ------------------------------------------------------------------------------
+
+    def add_viewer(self, viewer: Viewer) -> bool:
+        if len(self.viewers) >= self.limits.max_viewers or self.closed:
+            return False
+        self._cancel_grace()
+        self.viewers[viewer.id] = viewer
+        if self.init is not None:
+            self._start_viewer(viewer, self.init, self.cache.start())
+        viewer.push_status(self.status())
+        self.log.info("view.viewer_joined", viewer=viewer.id, viewers=len(self.viewers))
+        return True
+
+    def remove_viewer(self, viewer: Viewer, reason: str) -> None:
+        if self.viewers.pop(viewer.id, None) is None:
+            return
+        self.log.info(
+            "view.viewer_left",
+            viewer=viewer.id,
+            viewers=len(self.viewers),
+            reason=reason,
+            bytes_sent=viewer.bytes_sent,
+            fragments_dropped=viewer.queue.fragments_dropped,
+        )
+        self._maybe_start_grace()
+
+    def _start_viewer(self, viewer: Viewer, init: InitSegment, gop: list[Fragment]) -> None:
+        viewer.queue.start(init, gop, json.dumps(self._stream_message(init)))
+        viewer.wake.set()
+
+    def _stream_message(self, init: InitSegment) -> dict[str, Any]:
+        video = init.info.video
+        return {
+            "type": "stream",
+            "mimeType": init.info.mime_type,
+            "codecs": [t.codec for t in init.info.tracks],
+            "videoCodec": init.video_codec,
+            "audio": any(t.handler == "soun" for t in init.info.tracks),
+            "width": video.width if video else 0,
+            "height": video.height if video else 0,
+            "generation": init.generation,
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "type": "status",
+            "state": self.state,
+            "reason": self.reason,
+            "viewers": len(self.viewers),
+            "bitrateBps": self.bitrate_bps(),
+        }
+
+    async def _report(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_EVERY_S)
+            status = self.status()
+            for viewer in self.viewers.values():
+                viewer.push_status(status)
+
+    def _set_state(self, state: str, reason: str | None = None) -> None:
+        if (state, reason) == (self.state, self.reason):
+            return
+        self.state, self.reason = state, reason
+        status = self.status()
+        for viewer in self.viewers.values():
+            viewer.push_status(status)
+
+    # -- from the remuxer (on the loop) ---------------------------------------------------------
+
+    def on_init(self, init: InitSegment) -> None:
+        if init.generation != self.generation or self.closed:
+            return
+        self.init = init
+        self.cache.on_init(init)
+        for viewer in self.viewers.values():
+            self._start_viewer(viewer, init, [])
+        self._set_state("live")
+        self.log.info("view.stream", mime_type=init.info.mime_type, generation=init.generation)
+
+    def on_fragment(self, fragment: Fragment) -> None:
+        if fragment.generation != self.generation or self.closed:
+            return
+        now = time.monotonic()
+        self._recent.append((now, len(fragment.data)))
+        self.cache.on_fragment(fragment)
+        for viewer in list(self.viewers.values()):
+            offer = viewer.queue.offer(fragment, now)
+            if offer is Offer.QUEUED:
+                viewer.wake.set()
+            elif offer is Offer.OVERFLOWED:
+                self.log.info("view.viewer_behind", viewer=viewer.id, skipping_to="keyframe")
+            elif offer is Offer.DISCONNECT:
+                viewer.tell_to_go("too slow")
+
+    def on_keyframe(self, keyframe: Keyframe) -> None:
+        if keyframe.generation != self.generation or self.closed:
+            return
+        self.keyframe = keyframe
+        self.keyframe_arrived.set()
+
+    def bitrate_bps(self) -> int:
+        now = time.monotonic()
+        while self._recent and now - self._recent[0][0] > BITRATE_WINDOW_S:
+            self._recent.popleft()
+        return int(sum(size for _, size in self._recent) * 8 / BITRATE_WINDOW_S)
+
+    # -- the camera connection ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = Backoff(self.limits.retry_initial_s, self.limits.retry_max_s, 30.0)
+        loop = asyncio.get_running_loop()
+        target = self.target
+        url = self.gate.url(target.rtsp_path, target.username, target.password)
+        while not self._stop.is_set():
+            self.generation += 1
+            self.init = None
+            self.keyframe = None
+            self.keyframe_arrived.clear()
+            started = time.monotonic()
+            sink = _ThreadSink(self, loop, self.generation)
+            try:
+                await asyncio.to_thread(
+                    remux,
+                    url,
+                    sink,
+                    self._stop,
+                    self.generation,
+                    open_timeout_s=self.limits.open_timeout_s,
+                    read_timeout_s=self.limits.read_timeout_s,
+                )
+                reason = "the camera's stream ended"
+            except CameraStreamError as exc:
+                reason = str(exc)
+            except Exception as exc:
+                reason = self.gate.failure or _camera_failure(exc, self.init is not None)
+            if self._stop.is_set():
+                return
+            backoff.ran_for(time.monotonic() - started)
+            delay = backoff.next_delay()
+            self.log.warning(
+                "view.stream_lost",
+                reason=redact_text(reason),
+                retry_in_s=round(delay, 1),
+                generation=self.generation,
+            )
+            self._set_state("retrying", reason)
+            await asyncio.sleep(delay)
+
+    # -- snapshots ------------------------------------------------------------------------------
+
+    async def snapshot(self) -> tuple[bytes, int, int]:
+        """A JPEG of the latest keyframe (waiting for one if the watch has just started)."""
+        self._holds += 1
+        self._cancel_grace()
+        try:
+            async with asyncio.timeout(self.limits.snapshot_wait_s):
+                await self.keyframe_arrived.wait()
+            keyframe = self.keyframe
+            assert keyframe is not None
+            cached = self._snapshot
+            if cached is not None and cached[:2] == (keyframe.generation, keyframe.sequence):
+                return cached[2], cached[3], cached[4]
+            jpeg, width, height = await asyncio.to_thread(keyframe_to_jpeg, keyframe)
+            self._snapshot = (keyframe.generation, keyframe.sequence, jpeg, width, height)
+            return jpeg, width, height
+        finally:
+            self._holds -= 1
+            self._maybe_start_grace()
+
+
+def _camera_failure(exc: BaseException, had_stream: bool) -> str:
+    """A viewer-facing reason for a failed camera connection (PyAV's text holds the URL)."""
+    if had_stream:
+        return "the camera's stream was interrupted"
+    name = type(exc).__name__
+    if "Timeout" in name:
+        return "the camera did not answer in time"
+    if "Unauthorized" in name or "Permission" in name or "Forbidden" in name:
+        return "the camera refused the credentials"
+    if "NotFound" in name or "HTTPNotFound" in name:
+        return "the camera has no stream at this path"
+    return "the camera could not be reached through the device"
