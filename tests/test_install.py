@@ -35,6 +35,7 @@ RUNTIME_DISTRIBUTIONS = {
     "picows",
     "prometheus-client",
     "pydantic",
+    "pydantic-core",
     "pydantic-settings",
     "python-socks",
     "tenacity",
@@ -179,6 +180,7 @@ def test_wheel_leaves_out_the_development_tools(wheel: zipfile.ZipFile) -> None:
         "tunnel_agent/cli.py",
         "tunnel_agent/cloud/relay/runner.py",
         "tunnel_agent/cloud/sas.py",
+        "tunnel_agent/cloud/relay/view/static/view.html",
         "tunnel_agent/py.typed",
     ):
         assert needed in names
