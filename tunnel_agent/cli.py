@@ -110,14 +110,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "snapshot":
         return _snapshot(args.config, args.camera, args.output)
     if args.command == "demo":
-        from tunnel_agent.demo import run_demo
+        try:
+            from tunnel_agent.demo import run_demo
+        except ModuleNotFoundError as exc:
+            return _development_tool_missing("demo", exc)
 
         return run_demo(seconds=args.seconds, keep_running=args.keep_running, output=args.output)
     return 2
 
 
 def _devhub(args: argparse.Namespace) -> int:
-    from tunnel_agent.cloud.devhub import cli as devhub
+    try:
+        from tunnel_agent.cloud.devhub import cli as devhub
+    except ModuleNotFoundError as exc:
+        return _development_tool_missing("devhub", exc)
 
     state = getattr(args, "sub_state", None) or args.state or devhub.default_state_dir()
     if args.devhub_command == "add-device":
@@ -137,6 +143,31 @@ def _devhub(args: argparse.Namespace) -> int:
         )
     options = devhub.HubOptions(args.rest, args.mqtt_port, args.websocket_port, args.dps)
     return devhub.run_devhub(state, options, sys.stdout)
+
+
+DEVELOPMENT_MODULES = ("tunnel_agent.cloud.devhub", "tunnel_agent.demo", "tunnel_agent.sim")
+
+
+def _development_tool_missing(command: str, exc: ModuleNotFoundError) -> int:
+    """The devhub and the demo run from a source checkout with the [devhub] extra: the wheel and
+    the image carry only the agent and the relay (pyproject.toml, wheel-exclude)."""
+    missing = exc.name or ""
+    if missing.startswith(DEVELOPMENT_MODULES):
+        reason = (
+            "the IoT Hub emulator and the demo are not part of this installation (the wheel and "
+            "the image carry the agent and the relay only); run them from a source checkout of "
+            "tunnel-agent: bash scripts/demo.sh, or bash scripts/setup-venv.sh demo and then "
+            f".venv/bin/python -m tunnel_agent {command}"
+        )
+    elif missing.split(".")[0] == "tunnel_agent":
+        raise exc
+    else:
+        reason = (
+            f"needs the [devhub] extra ({missing} is missing): bash scripts/setup-venv.sh demo "
+            "(or: bash scripts/uv.sh sync --extra devhub)"
+        )
+    print(f"tunnel-agent {command}: {reason}", file=sys.stderr)
+    return 1
 
 
 def _load(path: Path | None) -> AgentSettings | None:
