@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunnel_agent.aio import in_daemon_thread
 from tunnel_agent.config.settings import AgentSettings, CameraSettings
 from tunnel_agent.logs import SECRETS, EventLogger
 from tunnel_agent.media.backoff import Backoff
@@ -109,8 +110,10 @@ class CameraMedia:
         if isinstance(source, HttpSnapshotSource):
             await source.stop_async()
         elif source is not None:
-            await asyncio.to_thread(source.stop)
-        await asyncio.gather(*(asyncio.to_thread(t.stop) for t in self.tasks))
+            await in_daemon_thread(source.stop, f"stop-source-{self.camera.name}")
+        await asyncio.gather(
+            *(in_daemon_thread(t.stop, f"stop-{self.camera.name}-{t.name}") for t in self.tasks)
+        )
 
     def status(self) -> dict[str, Any]:
         return {
