@@ -8,7 +8,7 @@ import math
 import os
 import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunnel_agent import __version__
 from tunnel_agent.config.settings import AgentSettings, CameraSettings, any_remote_host_warning
@@ -23,8 +23,6 @@ from tunnel_agent.media.desired import (
     parse_desired_streams,
 )
 from tunnel_agent.media.service import MediaService
-from tunnel_agent.observability.metrics import AgentMetrics
-from tunnel_agent.observability.server import ObservabilityServer
 from tunnel_agent.observability.twin import TwinReporter
 from tunnel_agent.tunnel.connect import ConnectOptions, tls_context
 from tunnel_agent.tunnel.contract import TUNNEL_OPEN_METHOD
@@ -35,6 +33,9 @@ from tunnel_agent.tunnel.request import EndpointPolicy
 from tunnel_agent.tunnel.service import MethodResult, TunnelService
 from tunnel_agent.tunnel.targets import CameraTarget
 from tunnel_agent.tunnel.user_agent import PlatformInfo, build_user_agent
+
+if TYPE_CHECKING:
+    from tunnel_agent.observability.server import ObservabilityServer
 
 SHUTDOWN_GRACE_S = 5.0  # for answers still being sent
 CANCEL_GRACE_S = 0.5  # for cancelled work to unwind
@@ -118,13 +119,13 @@ class Agent:
             if settings.hub
             else None
         )
-        self.metrics = AgentMetrics(self)
         observability = settings.observability
-        self.http = (
-            ObservabilityServer(self, self.metrics, observability.listen)
-            if observability.enabled
-            else None
-        )
+        self.http: ObservabilityServer | None = None
+        if observability.enabled:  # aiohttp and prometheus_client only when it is on
+            from tunnel_agent.observability.metrics import AgentMetrics
+            from tunnel_agent.observability.server import ObservabilityServer
+
+            self.http = ObservabilityServer(self, AgentMetrics(self), observability.listen)
         self.twin = (
             TwinReporter(self, self.hub, observability.twin_report_interval) if self.hub else None
         )

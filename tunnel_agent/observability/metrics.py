@@ -26,14 +26,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from tunnel_agent import __version__
-from tunnel_agent.media.tasks.base import PacketTask, TaskState
 from tunnel_agent.observability.snapshot import AgentView
-from tunnel_agent.tunnel.pump import Tunnel
+from tunnel_agent.tunnel.camera_tunnel import Tunnel
 
 OPEN_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30)
 DURATION_SECONDS_BUCKETS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600)
-# Label values without spaces: the states' names, not their display text.
-TASK_STATES = tuple(state.name.lower() for state in TaskState)
 PREFIX = "tunnel_agent_media_"
 
 
@@ -170,6 +167,28 @@ class AgentMetrics(Collector):
 
     def _media(self) -> Iterator[Metric]:
         media = self.agent.media
+        if media.cameras:  # else PyAV, which the tasks' module loads, stays unloaded
+            yield from self._cameras()
+        publisher = media.publisher
+        if publisher is not None:
+            yield GaugeMetricFamily(
+                "tunnel_agent_mqtt_connected",
+                "1 when the MQTT broker link is up",
+                value=int(publisher.connected),
+            )
+            messages = CounterMetricFamily(
+                "tunnel_agent_mqtt_messages", "Snapshot messages by outcome", labels=["outcome"]
+            )
+            for outcome in ("published", "dropped_queue_full", "dropped_too_large"):
+                messages.add_metric([outcome], publisher.counters.get(outcome, 0))
+            yield messages
+
+    def _cameras(self) -> Iterator[Metric]:
+        from tunnel_agent.media.tasks.base import PacketTask, TaskState
+
+        media = self.agent.media
+        # Label values without spaces: the states' names, not their display text.
+        task_states = [state.name.lower() for state in TaskState]
         up = GaugeMetricFamily(
             f"{PREFIX}source_up", "1 while a camera source delivers", labels=["camera"]
         )
@@ -200,7 +219,7 @@ class AgentMetrics(Collector):
                 source_counters.add(SOURCE_COUNTERS, dict(source.counters), [name])
             for task in camera.tasks:
                 labels = [name, task.name, task.kind]
-                for candidate in TASK_STATES:
+                for candidate in task_states:
                     state.add_metric(
                         [*labels, candidate], int(task.state.name.lower() == candidate)
                     )
@@ -209,19 +228,6 @@ class AgentMetrics(Collector):
         yield from (up, last_packet, state)
         yield from source_counters.families()
         yield from task_counters.families()
-        publisher = media.publisher
-        if publisher is not None:
-            yield GaugeMetricFamily(
-                "tunnel_agent_mqtt_connected",
-                "1 when the MQTT broker link is up",
-                value=int(publisher.connected),
-            )
-            messages = CounterMetricFamily(
-                "tunnel_agent_mqtt_messages", "Snapshot messages by outcome", labels=["outcome"]
-            )
-            for outcome in ("published", "dropped_queue_full", "dropped_too_large"):
-                messages.add_metric([outcome], publisher.counters.get(outcome, 0))
-            yield messages
 
 
 def _drops(unit: str) -> dict[str, CounterMetric]:
