@@ -38,7 +38,7 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
 VENV_BIN = Path(sys.executable).parent
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-PIP_HINT = "install the test extras: bash scripts/setup-venv.sh test (pip install -e '.[test]')"
+PIP_HINT = "install the test extras from uv.lock: bash scripts/setup-venv.sh test"
 APT_HINT = "install the system packages: bash scripts/install-system-deps.sh (apt package systemd)"
 AGENT_UNIT = DEPLOY / "systemd" / "tunnel-agent.service"
 RELAY_UNIT = DEPLOY / "systemd" / "tunnel-agent-relay.service"
@@ -80,8 +80,12 @@ def import_yaml() -> Any:
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n(\s*#.*\n)*", " ", (ROOT / "Dockerfile").read_text())
+    """(INSTRUCTION, arguments) with comments dropped and continuation lines joined.
+
+    As Docker reads it: comment lines go first, so a backslash ending a comment continues nothing.
+    """
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    text = re.sub(r"\\\n", " ", "\n".join(x for x in lines if not x.lstrip().startswith("#")))
     result = []
     for raw in text.splitlines():
         line = raw.strip()
@@ -110,7 +114,8 @@ def test_hadolint_reports_a_bad_dockerfile(tmp_path: Path) -> None:
 def test_dockerfile_choices() -> None:
     steps = dockerfile_instructions()
     args = dict(rest.split("=", 1) for word, rest in steps if word == "ARG" and "=" in rest)
-    assert args["PYTHON_IMAGE"] == "python:3.11-slim-bookworm"
+    # The tag, then (scripts/pin-base-image.py) the digest of its multi-arch index.
+    assert re.fullmatch(r"python:3\.11-slim-bookworm(@sha256:[0-9a-f]{64})?", args["PYTHON_IMAGE"])
     froms = [rest for word, rest in steps if word == "FROM"]
     assert len(froms) >= 2 and all(f.startswith("${PYTHON_IMAGE}") for f in froms)
     assert args["VERSION"] == VERSION

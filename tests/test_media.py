@@ -155,32 +155,40 @@ async def test_snapshots_and_clips_to_files(tmp_path: Path, camera: RtspCamera) 
     assert names == sorted(names) and all(n.endswith("Z-" + n.split("Z-")[1]) for n in names)
 
 
-async def test_a_kill_never_leaves_a_half_written_file_under_a_final_name(
+async def test_a_clip_killed_mid_way_is_salvaged_at_the_next_start(
     tmp_path: Path, camera: RtspCamera
 ) -> None:
     clips = tmp_path / "clips"
     streams = [
-        {"name": "c", "task": "clip-to-fs", "path": str(clips), "format": "mp4", "duration": 2}
+        {"name": "c", "task": "clip-to-fs", "path": str(clips), "format": "mp4", "duration": 4}
     ]
     agent = media_agent(tmp_path / "agent", [camera_entry(camera, streams=streams)])
     try:
         agent.wait_event("media.clip_written", count=1, timeout_s=30)
-        await asyncio.sleep(1.0)  # in the middle of the next clip
+        # in the middle of the next clip, once a few fragments are on disk
+        agent.process.wait_for(
+            lambda _: any(p.stat().st_size > 50_000 for p in clips.glob(".*.partial")), 20
+        )
     finally:
         agent.kill()
 
     finals = [p for p in clips.iterdir() if not p.name.startswith(".")]
-    temporaries = [p for p in clips.iterdir() if p.name.startswith(".")]
-    assert finals and temporaries
+    (partial,) = [p for p in clips.iterdir() if p.name.startswith(".")]
     for clip in finals:
         assert ffprobe_json(clip)["streams"][0]["codec_name"] == "h264"
 
     again = media_agent(tmp_path / "again", [camera_entry(camera, streams=streams)])
     try:
-        again.wait_event("media.stale_temporary_removed", timeout_s=30)
+        (salvaged,) = again.wait_event("media.partial_clip_salvaged", timeout_s=30)
     finally:
         again.stop()
-    assert not [p for p in clips.iterdir() if p.name.startswith(".")]
+    assert not partial.exists()
+    kept = clips / salvaged["file"]
+    assert partial.name == f".{kept.name}.partial"
+    info = ffprobe_json(kept)
+    assert info["streams"][0]["codec_name"] == "h264"
+    assert 0.5 < float(info["format"]["duration"]) <= 4.0 + 1.0
+    assert int(salvaged["packets"]) > 7
 
 
 async def test_restream_to_an_rtsp_record_mount(

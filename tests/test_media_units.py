@@ -11,7 +11,7 @@ import pytest
 from tests.support import toml_writer
 from tunnel_agent.config.loading import ConfigError, load_settings
 from tunnel_agent.media.backoff import Backoff
-from tunnel_agent.media.files import Retention, StoredFile, final_name, is_temporary, temporary_path
+from tunnel_agent.media.files import StreamFiles, temporary_path
 from tunnel_agent.media.pacing import (
     KeyframeRate,
     SnapshotPacer,
@@ -238,25 +238,12 @@ def test_timestamp_validator_drops_missing_and_non_increasing() -> None:
 
 
 def test_names_sort_by_time_and_temporaries_are_hidden() -> None:
-    name = final_name(datetime(2026, 11, 23, 15, 4, 5, 678000, tzinfo=UTC), 42, "mkv")
-    assert name == "20261123T150405.678Z-000042.mkv"
+    files = StreamFiles("front-door", "mkv")
+    name = files.final_name(datetime(2026, 11, 23, 15, 4, 5, 678000, tzinfo=UTC), 42)
+    assert name == "front-door-20261123T150405.678Z-000042.mkv"
     temporary = temporary_path(Path("/data") / name)
-    assert temporary.name.startswith(".") and is_temporary(temporary)
-    assert not is_temporary(Path("/data") / name)
-
-
-def test_retention_by_age_count_and_bytes() -> None:
-    files = [StoredFile(Path(f"/d/{i}.png"), 100, float(i)) for i in range(10)]
-    assert [f.path.name for f in Retention(max_age_s=3.5).to_delete(files, now=10.0)] == [
-        f"{i}.png" for i in range(7)
-    ]
-    assert [f.path.name for f in Retention(max_files=4).to_delete(files, now=10.0)] == [
-        f"{i}.png" for i in range(6)
-    ]
-    assert [f.path.name for f in Retention(max_bytes=250).to_delete(files, now=10.0)] == [
-        f"{i}.png" for i in range(8)
-    ]
-    assert Retention().to_delete(files, now=10.0) == []
+    assert temporary.name.startswith(".") and files.is_own_temporary(temporary.name)
+    assert files.is_own(name) and not files.is_own_temporary(name)
 
 
 def test_backoff_grows_is_capped_and_resets_after_a_stable_run() -> None:

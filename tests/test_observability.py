@@ -147,7 +147,7 @@ async def test_media_metrics_twin_reports_and_desired_streams(
         {
             "hub": {**own_hub.hub_config(), "retry_interval": 1},
             "cameras": [camera_entry(camera, streams=streams)],
-            "media": FAST_MEDIA,
+            "media": {**FAST_MEDIA, "output_root": str(snaps / "root")},
             "observability": {"listen": f"127.0.0.1:{free_port()}", "twin_report_interval": 1},
         },
     )
@@ -190,7 +190,7 @@ async def test_media_metrics_twin_reports_and_desired_streams(
                     {
                         "name": "added",
                         "taskType": "snapshot-to-fs",
-                        "path": str(snaps / "added"),
+                        "path": "added",
                         "snapshotsPerSecond": 2,
                     },
                 ],
@@ -217,7 +217,7 @@ async def test_media_metrics_twin_reports_and_desired_streams(
         await until(lambda: twin.reported.get("mediaStreams", {}).get("av") == version, 30)
         ack = twin.reported["mediaStreams"]
         assert (ack["ac"], ack["value"]) == (200, desired)
-        await until(lambda: len(list((snaps / "added").glob("*.png"))) >= 2, 20)
+        await until(lambda: len(list((snaps / "root" / "added").glob("*.png"))) >= 2, 20)
 
         # A bad change is refused with the reason, and nothing running is lost.
         bad = [{"camera": "lobby", "streams": [{"name": "x", "task": "clip-to-fs"}]}]
@@ -227,8 +227,8 @@ async def test_media_metrics_twin_reports_and_desired_streams(
         assert (
             ack["ac"] == 400 and "streams[0]" in ack["ad"] and "clip-to-fs needs path" in ack["ad"]
         )
-        count = len(list((snaps / "added").glob("*.png")))
-        await until(lambda: len(list((snaps / "added").glob("*.png"))) > count, 10)
+        count = len(list((snaps / "root" / "added").glob("*.png")))
+        await until(lambda: len(list((snaps / "root" / "added").glob("*.png"))) > count, 10)
         assert {m["stream"] for m in twin.reported["media"]} == {"base", "added"}
     finally:
         agent.stop()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from tests.support.inprocess import open_via, service_for
 from tests.support.tcp_camera import TcpCamera
@@ -14,9 +15,15 @@ from tests.support.threadloop import ThreadLoop
 from tests.support.waiting import until
 from tests.support.ws_endpoint import Session, TunnelEndpoint, sink_handler
 from tunnel_agent.cloud.devhub.certs import LocalCA
-from tunnel_agent.tunnel.pump import WRITE_BUFFER_HIGH_BYTES
 
 CLOSE_BOUND_S = 2.5
+# The README: a side's write buffer passing 256 KiB stops the other side's reading, so at most
+# one read's worth waits beyond it; asyncio reads up to 256 KiB from a socket at a time.
+HIGH_WATER_BYTES = 256 * 1024
+ONE_READ_BYTES = 256 * 1024
+WAITING_BOUND_BYTES = HIGH_WATER_BYTES + ONE_READ_BYTES
+# Generous deadlines for events that are due well before them, on a loaded machine too.
+EVENT_DEADLINE_S = 15.0
 
 
 async def test_camera_eof_closes_the_websocket_with_1000_after_the_data(
@@ -115,10 +122,19 @@ async def test_backpressure_bounds_what_waits_in_the_agent(
         writer.close()
 
     pusher = asyncio.create_task(push())
-    await asyncio.sleep(1.0)  # the far end reads nothing meanwhile
+    # The far end reads nothing: the WebSocket's buffer fills and the camera is no longer read.
     assert tunnel.ws is not None
-    buffered = tunnel.ws.underlying_transport.get_write_buffer_size()
-    assert buffered <= WRITE_BUFFER_HIGH_BYTES + 512 * 1024
+    ws_transport = tunnel.ws.underlying_transport
+    camera_transport = tunnel.camera.transport
+    assert camera_transport is not None
+    await until(
+        lambda: (
+            ws_transport.get_write_buffer_size() >= HIGH_WATER_BYTES
+            and not camera_transport.is_reading()
+        ),
+        EVENT_DEADLINE_S,
+    )
+    assert ws_transport.get_write_buffer_size() <= WAITING_BOUND_BYTES
     assert tunnel.bytes_to_remote < total // 4  # the camera was stopped, not drained into memory
     assert not pusher.done()
 
@@ -129,31 +145,84 @@ async def test_backpressure_bounds_what_waits_in_the_agent(
     assert session.counters.to_consumer == total
 
 
+async def test_backpressure_bounds_what_waits_for_a_camera_that_does_not_read(
+    ca: LocalCA, endpoint: TunnelEndpoint, servers: ThreadLoop
+) -> None:
+    total = 64 * 1024 * 1024
+    sent = asyncio.Event()  # set on the server loop, awaited through it
+
+    async def flood(ws: web.WebSocketResponse, session: Session) -> None:
+        chunk = b"w" * (64 * 1024)
+        for _ in range(total // len(chunk)):
+            await ws.send_bytes(chunk)  # waits while the agent does not read
+        sent.set()
+        async for _ in ws:
+            pass
+
+    camera = TcpCamera(hold_reading=True)
+    await camera.start()
+    try:
+        service = service_for(ca, camera.port)
+        session = await servers.call(endpoint.new_session(handler=flood))
+        tunnel = await open_via(service, endpoint, session, camera.port)
+        camera_transport = tunnel.camera.transport
+        assert camera_transport is not None and tunnel.ws is not None
+        ws_transport = tunnel.ws.underlying_transport
+        await until(
+            lambda: (
+                camera_transport.get_write_buffer_size() >= HIGH_WATER_BYTES
+                and not ws_transport.is_reading()
+            ),
+            EVENT_DEADLINE_S,
+        )
+        assert camera_transport.get_write_buffer_size() <= WAITING_BOUND_BYTES
+        assert tunnel.bytes_to_camera < total // 4
+        assert not sent.is_set()
+
+        camera.connections[0].reading.set()
+        await servers.call(asyncio.wait_for(sent.wait(), 60))
+        await until(lambda: len(camera.connections[0].received) == total, 60)
+        tunnel.close("test over")
+        await asyncio.wait_for(asyncio.shield(tunnel.closed), CLOSE_BOUND_S)
+    finally:
+        await camera.stop()
+
+
 async def test_keepalive_closes_a_dead_link(
     ca: LocalCA, endpoint: TunnelEndpoint, servers: ThreadLoop, stub: TcpCamera
 ) -> None:
     async def play_dead(ws: web.WebSocketResponse, session: Session) -> None:
         assert session.request is not None and session.request.transport is not None
         session.request.transport.pause_reading()
-        await asyncio.sleep(5)
+        with contextlib.suppress(TimeoutError):  # until the agent drops it, or the test is over
+            await asyncio.wait_for(ws.receive(), EVENT_DEADLINE_S)
 
     service = service_for(ca, stub.port, ping_interval=1, ping_timeout=1)
     session = await servers.call(endpoint.new_session(handler=play_dead))
     tunnel = await open_via(service, endpoint, session, stub.port)
 
-    await asyncio.wait_for(asyncio.shield(tunnel.closed), 4)
+    await asyncio.wait_for(asyncio.shield(tunnel.closed), EVENT_DEADLINE_S)
     assert tunnel.close_reason == "keepalive timeout"
     await asyncio.wait_for(stub.connections[0].closed.wait(), CLOSE_BOUND_S)
+
+
+async def pong_by_hand(ws: web.WebSocketResponse, session: Session) -> None:
+    """Count the agent's pings and answer them (the session has autoping off)."""
+    async for message in ws:
+        if message.type == WSMsgType.PING:
+            session.pings += 1
+            await ws.pong(message.data)
 
 
 async def test_keepalive_spares_an_idle_link_that_answers_pings(
     ca: LocalCA, endpoint: TunnelEndpoint, servers: ThreadLoop, stub: TcpCamera
 ) -> None:
     service = service_for(ca, stub.port, ping_interval=1, ping_timeout=1.5)
-    session = await servers.call(endpoint.new_session(handler=sink_handler))
+    session = await servers.call(endpoint.new_session(handler=pong_by_hand, autoping=False))
     tunnel = await open_via(service, endpoint, session, stub.port)
 
-    await asyncio.sleep(4)
+    # Four pings answered: without the pongs, the link would have been dropped after 1.5 s.
+    await until(lambda: session.pings >= 4, EVENT_DEADLINE_S)
 
     assert tunnel.close_reason is None
     tunnel.close("test over")
@@ -165,12 +234,15 @@ async def test_keepalive_spares_a_busy_link_whose_pongs_wait_behind_data(
 ) -> None:
     async def slow_sink(ws: web.WebSocketResponse, session: Session) -> None:
         async for message in ws:  # pings are only answered when the reader gets to them
-            if isinstance(message.data, bytes):
+            if message.type == WSMsgType.PING:
+                session.pings += 1
+                await ws.pong(message.data)
+            elif isinstance(message.data, bytes):
                 session.counters.to_consumer += len(message.data)
                 await asyncio.sleep(0.05)
 
     service = service_for(ca, stub.port, ping_interval=1, ping_timeout=1)
-    session = await servers.call(endpoint.new_session(handler=slow_sink))
+    session = await servers.call(endpoint.new_session(handler=slow_sink, autoping=False))
     tunnel = await open_via(service, endpoint, session, stub.port)
     await until(lambda: stub.connections)
     writer = stub.connections[0].writer
@@ -182,7 +254,8 @@ async def test_keepalive_spares_a_busy_link_whose_pongs_wait_behind_data(
 
     pusher = asyncio.create_task(push())
     try:
-        await asyncio.sleep(5)
+        # Four pings reached the slow reader behind the data: well past the 1 s ping timeout.
+        await until(lambda: session.pings >= 4, EVENT_DEADLINE_S)
         assert tunnel.close_reason is None
         assert session.counters.to_consumer > 1_000_000
     finally:
@@ -197,15 +270,14 @@ async def test_idle_timeout_and_max_lifetime(
     idle_service = service_for(ca, stub.port, idle_timeout=0.5)
     idle_session = await servers.call(endpoint.new_session(handler=sink_handler))
     idle = await open_via(idle_service, endpoint, idle_session, stub.port)
-    await asyncio.wait_for(asyncio.shield(idle.closed), 2)
+    await asyncio.wait_for(asyncio.shield(idle.closed), EVENT_DEADLINE_S)
     assert idle.close_reason == "idle timeout"
 
+    # The close reason is only given once the lifetime has passed: no earlier close is possible.
     life_service = service_for(ca, stub.port, max_lifetime=1.0)
     life_session = await servers.call(endpoint.new_session(handler=sink_handler))
     life = await open_via(life_service, endpoint, life_session, stub.port)
-    await asyncio.sleep(0.5)
-    assert life.close_reason is None
-    await asyncio.wait_for(asyncio.shield(life.closed), 2)
+    await asyncio.wait_for(asyncio.shield(life.closed), EVENT_DEADLINE_S)
     assert life.close_reason == "max lifetime reached"
     await servers.call(asyncio.wait_for(life_session.finished.wait(), CLOSE_BOUND_S))
     assert life_session.close_code == 1001

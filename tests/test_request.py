@@ -222,3 +222,12 @@ def test_any_payload_gives_a_request_or_a_well_formed_400(payload: object, allow
     assert request.endpoint.scheme in ("wss", "ws")
     assert request.token.isascii() and request.token.strip()
     assert target.port == request.local_port == 554
+
+
+@pytest.mark.parametrize(
+    ("host", "never"),
+    [("relay.invalid", True), ("a.b.INVALID", True), ("invalid", True), ("invalid.example", False)],
+)
+def test_names_under_invalid_are_known_never_to_resolve(host: str, never: bool) -> None:
+    request = parse_tunnel_request(with_(remoteEndpoint=f"wss://{host}/t"), STRICT)
+    assert request.endpoint.never_resolves is never

@@ -6,10 +6,10 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunnel_agent import __version__
-from tunnel_agent.config.settings import AgentSettings, CameraSettings
+from tunnel_agent.config.settings import AgentSettings, CameraSettings, any_remote_host_warning
 from tunnel_agent.hub.link import HubLink
 from tunnel_agent.logs import SECRETS, EventLogger
 from tunnel_agent.media.desired import (
@@ -21,8 +21,6 @@ from tunnel_agent.media.desired import (
     parse_desired_streams,
 )
 from tunnel_agent.media.service import MediaService
-from tunnel_agent.observability.metrics import AgentMetrics
-from tunnel_agent.observability.server import ObservabilityServer
 from tunnel_agent.observability.twin import TwinReporter
 from tunnel_agent.tunnel.connect import ConnectOptions, tls_context
 from tunnel_agent.tunnel.contract import TUNNEL_OPEN_METHOD
@@ -34,6 +32,9 @@ from tunnel_agent.tunnel.service import MethodResult, TunnelService
 from tunnel_agent.tunnel.targets import CameraTarget
 from tunnel_agent.tunnel.user_agent import PlatformInfo, build_user_agent
 
+if TYPE_CHECKING:
+    from tunnel_agent.observability.server import ObservabilityServer
+
 SHUTDOWN_GRACE_S = 5.0
 
 
@@ -43,26 +44,6 @@ def camera_targets(cameras: list[CameraSettings]) -> list[CameraTarget]:
         for c in cameras
         for port in c.ports
     ]
-
-
-def register_configured_secrets(settings: AgentSettings) -> None:
-    """Tell the log scrubber every secret the configuration holds."""
-    for camera in settings.cameras:
-        if camera.password is not None:
-            SECRETS.add(camera.password.get_secret_value())
-    proxy = settings.proxy.address
-    if proxy is not None:
-        SECRETS.add(proxy.password)
-    hub = settings.hub
-    if hub is not None:
-        for secret in (hub.symmetric_key, hub.key_passphrase):
-            if secret is not None:
-                SECRETS.add(secret.get_secret_value())
-        if hub.connection_string is not None:
-            for part in hub.connection_string.get_secret_value().split(";"):
-                key, _, value = part.partition("=")
-                if key == "SharedAccessKey":
-                    SECRETS.add(value)
 
 
 def build_tunnel_service(settings: AgentSettings, environ: Mapping[str, str]) -> TunnelService:
@@ -110,13 +91,13 @@ class Agent:
             if settings.hub
             else None
         )
-        self.metrics = AgentMetrics(self)
         observability = settings.observability
-        self.http = (
-            ObservabilityServer(self, self.metrics, observability.listen)
-            if observability.enabled
-            else None
-        )
+        self.http: ObservabilityServer | None = None
+        if observability.enabled:  # aiohttp and prometheus_client only when it is on
+            from tunnel_agent.observability.metrics import AgentMetrics
+            from tunnel_agent.observability.server import ObservabilityServer
+
+            self.http = ObservabilityServer(self, AgentMetrics(self), observability.listen)
         self.twin = (
             TwinReporter(self, self.hub, observability.twin_report_interval) if self.hub else None
         )
@@ -145,7 +126,11 @@ class Agent:
                     description = "removed: streams from the configuration file restored"
                 else:
                     changes = parse_desired_streams(
-                        value, self.media.camera_settings, self.settings.mqtt is not None
+                        value,
+                        self.media.camera_settings,
+                        self.settings.mqtt is not None,
+                        self.settings.media,
+                        self._configured_streams,
                     )
                     description = "applied to " + (", ".join(changes) or "no camera")
             except DesiredError as exc:
@@ -164,7 +149,11 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then: refuse new tunnels, close open ones, disconnect."""
-        register_configured_secrets(self.settings)
+        for secret in self.settings.secrets():
+            SECRETS.add(secret)
+        warning = any_remote_host_warning(self.settings)
+        if warning is not None:
+            self.log.warning("agent.any_remote_host", reason=warning)
         self.log.info(
             "agent.started",
             version=__version__,

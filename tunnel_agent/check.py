@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tunnel_agent.config.loading import ConfigError, load_settings
-from tunnel_agent.config.settings import AgentSettings
+from tunnel_agent.config.settings import AgentSettings, any_remote_host_warning
+from tunnel_agent.logs import MASK, SECRETS, redact_text
 from tunnel_agent.tunnel.errors import host_port
-
-REDACTED = "***"
 
 
 def effective_config(settings: AgentSettings) -> dict[str, Any]:
-    """The settings as used, secrets replaced (the proxy keeps its user name, not its password)."""
+    """The settings as used, secrets replaced: secret fields, and every URL's password and query
+    (a camera ``url`` may carry ``user:password@``; the proxy keeps its user name only)."""
     document: dict[str, Any] = settings.model_dump(mode="json")
 
     def mask(node: Any) -> Any:
@@ -23,7 +23,9 @@ def effective_config(settings: AgentSettings) -> dict[str, Any]:
             return {k: mask(v) for k, v in node.items()}
         if isinstance(node, list):
             return [mask(v) for v in node]
-        return REDACTED if node == "**********" else node
+        if node == "**********":
+            return MASK
+        return redact_text(node) if isinstance(node, str) else node
 
     document = mask(document)
     proxy = settings.proxy.address
@@ -64,7 +66,12 @@ def run_check(config: Path | None, out: TextIO) -> int:
     except ConfigError as exc:
         out.write(f"{exc}\n")
         return 2
+    for secret in settings.secrets():
+        SECRETS.add(secret)
     out.write(json.dumps(effective_config(settings), indent=2) + "\n")
+    warning = any_remote_host_warning(settings)
+    if warning is not None:
+        out.write(f"WARN  {warning}\n")
     problems = 0
     if settings.hub is None:
         out.write("FAIL  [hub] is not configured: tunnelOpen cannot be received\n")

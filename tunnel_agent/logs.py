@@ -1,9 +1,10 @@
-"""Structured logs: one line per event, ``key=value`` text or JSON, secrets scrubbed at the end.
+"""Structured logs: one line per event, ``key=value`` text or JSON, secrets scrubbed in every part.
 
 Code logs an event name and fields (``log.info("tunnel.closed", bytes_up=...)``); loggers bound to a
 tunnel carry its id on every line. Callers never pass secrets, and as a second line of defence the
-formatter replaces every registered secret and every URL password or query string before a line
-is written, whatever library produced it.
+formatters replace every registered secret and every URL password or query string, whatever library
+produced the record. They scrub each part *before* quoting or JSON-escaping it: escaping changes a
+secret's spelling (``"`` becomes ``\\"``), and a scrubber that ran afterwards would miss it.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def _timestamp(record: logging.LogRecord) -> str:
 
 
 def _text_value(value: Any) -> str:
-    text = f"{value:.3f}" if isinstance(value, float) else str(value)
+    text = f"{value:.3f}" if isinstance(value, float) else redact_text(str(value))
     if not text or any(ch.isspace() or ch in '"=' for ch in text):
         return json.dumps(text)
     return text
@@ -119,12 +120,19 @@ class TextFormatter(logging.Formatter):
     """``<time> <LEVEL> <logger> <event> key=value ...`` on one line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        parts = [_timestamp(record), record.levelname, record.name, record.getMessage()]
-        parts.extend(f"{key}={_text_value(value)}" for key, value in _fields_of(record).items())
-        line = " ".join(parts)
+        message = redact_text(record.getMessage()).replace("\n", "\\n")
+        parts = [_timestamp(record), record.levelname, record.name, message]
+        parts.extend(
+            f"{redact_text(str(key))}={_text_value(value)}"
+            for key, value in _fields_of(record).items()
+        )
         if record.exc_info:
-            line += " error=" + json.dumps(self.formatException(record.exc_info))
-        return redact_text(line.replace("\n", "\\n"))
+            parts.append("error=" + json.dumps(redact_text(self.formatException(record.exc_info))))
+        return " ".join(parts)
+
+
+# Keys every JSON line has; a field of the same name is kept under ``field_<name>``.
+JSON_RESERVED_KEYS = frozenset({"ts", "level", "logger", "event", "error"})
 
 
 class JsonFormatter(logging.Formatter):
@@ -135,13 +143,18 @@ class JsonFormatter(logging.Formatter):
             "ts": _timestamp(record),
             "level": record.levelname,
             "logger": record.name,
-            "event": record.getMessage(),
+            "event": redact_text(record.getMessage()),
         }
         for key, value in _fields_of(record).items():
-            document.setdefault(key, value if isinstance(value, int | float | bool) else str(value))
+            name = redact_text(str(key))
+            while name in JSON_RESERVED_KEYS or name in document:
+                name = f"field_{name}"
+            document[name] = (
+                value if isinstance(value, int | float | bool) else redact_text(str(value))
+            )
         if record.exc_info:
-            document["error"] = self.formatException(record.exc_info)
-        return redact_text(json.dumps(document, ensure_ascii=False))
+            document["error"] = redact_text(self.formatException(record.exc_info))
+        return json.dumps(document, ensure_ascii=False)
 
 
 # Third-party loggers that are chatty at INFO (the IoT SDK logs every pipeline step).

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from tests.support import toml_writer
+from tests.support.dns import SilentDns
 from tests.support.net import free_port
 from tests.support.processes import ManagedProcess
 
@@ -72,7 +73,7 @@ class AgentRunner:
 
     ``expected_errors`` names the ERROR events this agent may log (a test that provokes them);
     ``expected_exit`` is the exit code the test expects (``None``: any, for a process the test
-    kills on purpose).
+    kills on purpose). With ``dns``, the agent runs on a machine whose DNS never answers.
     """
 
     instances: ClassVar[list[AgentRunner]] = []
@@ -85,10 +86,14 @@ class AgentRunner:
         *,
         expected_errors: Iterable[str] = (),
         expected_exit: int | None = 0,
+        dns: SilentDns | None = None,
     ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         if "observability" not in config:  # agents run side by side in tests: no fixed port
             config = {**config, "observability": {"listen": f"127.0.0.1:{free_port()}"}}
+        media = config.get("media", {})
+        if "output_root" not in media:  # never the device default, /var/lib/tunnel-agent
+            config = {**config, "media": {**media, "output_root": str(folder / "media")}}
         self.observability_url = f"http://{config['observability'].get('listen', '127.0.0.1:9400')}"
         self.config_file = folder / "agent.toml"
         self.config_file.write_text(toml_writer.dumps(config))
@@ -96,8 +101,9 @@ class AgentRunner:
         self.expected_exit = expected_exit
         self._checked_chars = 0
         self._exit_checked = False
+        command = [sys.executable, "-m", "tunnel_agent", "run", "--config", str(self.config_file)]
         self.process = ManagedProcess(
-            [sys.executable, "-m", "tunnel_agent", "run", "--config", str(self.config_file)],
+            dns.wrap(command) if dns is not None else command,
             folder / "agent.log",
             env={"PYTHONUNBUFFERED": "1", **(env or {})},
         )

@@ -11,12 +11,17 @@ class Connection:
     writer: asyncio.StreamWriter
     received: bytearray = field(default_factory=bytearray)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    reading: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class TcpCamera:
-    """Accepts connections, records what arrives and notices when the peer closes."""
+    """Accepts connections, records what arrives and notices when the peer closes.
 
-    def __init__(self) -> None:
+    With ``hold_reading`` a connection reads nothing until its ``reading`` event is set.
+    """
+
+    def __init__(self, *, hold_reading: bool = False) -> None:
+        self.hold_reading = hold_reading
         self.connections: list[Connection] = []
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -27,8 +32,11 @@ class TcpCamera:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connection = Connection(writer)
+        if not self.hold_reading:
+            connection.reading.set()
         self.connections.append(connection)
         try:
+            await connection.reading.wait()
             while data := await reader.read(65536):
                 connection.received += data
         except OSError:

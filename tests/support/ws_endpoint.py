@@ -3,7 +3,8 @@
 A test opens a *session* (a token and a consumer TCP port), invokes tunnelOpen with the session's
 URL, and connects a consumer (ffprobe, PyAV) to the session's port: the endpoint joins the consumer
 to the device's WebSocket with the relay's own bridge and counts the bytes. Other paths answer with
-a fixed HTTP status, and a raw listener accepts TCP and never answers (a handshake that hangs).
+a fixed HTTP status or a redirect to a session, and a raw listener accepts TCP and never answers
+(a handshake that hangs). A session can also hold its upgrade until the test releases it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ class Session:
     server: asyncio.Server | None = None
     request: web.Request | None = None
     close_code: int | None = None
+    autoping: bool = True
+    pings: int = 0
+    upgrade_requests: int = 0
+    upgrade_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    release_upgrade: asyncio.Event | None = None
 
 
 class TunnelEndpoint:
@@ -59,6 +65,7 @@ class TunnelEndpoint:
         app = web.Application()
         app.router.add_get("/tunnel/{id}", self._tunnel)
         app.router.add_get("/status/{code}", self._status)
+        app.router.add_get("/redirect/{id}", self._redirect)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2)
         await self._runner.setup()
         listeners = {"ws": None, "wss": self.tls, "wss_untrusted": self.untrusted_tls}
@@ -91,10 +98,23 @@ class TunnelEndpoint:
         return f"{scheme}://127.0.0.1:{port}{path}"
 
     async def new_session(
-        self, token: str | None = None, handler: SessionHandler | None = None
+        self,
+        token: str | None = None,
+        handler: SessionHandler | None = None,
+        *,
+        hold_upgrade: bool = False,
+        autoping: bool = True,
     ) -> Session:
+        """A session; with ``hold_upgrade`` its upgrade waits until ``release_upgrade`` is set.
+
+        Without ``autoping`` the handler sees PING messages and must answer them itself.
+        """
         session = Session(
-            id=secrets.token_hex(4), token=token or secrets.token_urlsafe(24), handler=handler
+            id=secrets.token_hex(4),
+            token=token or secrets.token_urlsafe(24),
+            handler=handler,
+            release_upgrade=asyncio.Event() if hold_upgrade else None,
+            autoping=autoping,
         )
         session.consumer = asyncio.get_running_loop().create_future()
         if handler is None:
@@ -119,6 +139,8 @@ class TunnelEndpoint:
         session = self.sessions.get(request.match_info["id"])
         if session is None:
             return self._reject(request, 404)
+        session.upgrade_requests += 1
+        session.upgrade_requested.set()
         session.headers = dict(request.headers)
         if request.headers.get("Authorization") != f"Bearer {session.token}":
             return self._reject(request, 401)
@@ -126,7 +148,9 @@ class TunnelEndpoint:
             return self._reject(request, 403)
         if not request.headers.get("User-Agent", "").startswith("tunnel-agent/"):
             return self._reject(request, 400)
-        ws = web.WebSocketResponse(max_msg_size=0, autoping=True)
+        if session.release_upgrade is not None:
+            await session.release_upgrade.wait()
+        ws = web.WebSocketResponse(max_msg_size=0, autoping=session.autoping)
         await ws.prepare(request)
         session.connections += 1
         session.request = request
@@ -150,6 +174,12 @@ class TunnelEndpoint:
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.Response(status=int(request.match_info["code"]))
+
+    async def _redirect(self, request: web.Request) -> web.Response:
+        """302 to the session's own URL: following it would hand the token to the target."""
+        location = f"{request.scheme}://{request.host}/tunnel/{request.match_info['id']}"
+        self.rejections.append((request.path, 302))
+        return web.Response(status=302, headers={"Location": location.replace("http", "ws", 1)})
 
     async def _hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._held.append(writer)

@@ -7,17 +7,24 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from tunnel_agent.config.urls import InvalidUrl, check_host
+
 ENV_PREFIX = "TUNNEL_AGENT_"
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 def split_host_port(text: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port``; ValueError with the reason otherwise."""
+    """``host:port`` or ``[v6]:port`` (port 0: any free port); ValueError with the reason."""
     host, sep, port = text.strip().rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError("use host:port, e.g. 127.0.0.1:8554")
-    return host.removeprefix("[").removesuffix("]"), int(port)
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError("put an IPv6 address in brackets: [::1]:8554")
+    try:
+        return check_host(host), int(port)
+    except InvalidUrl:
+        raise ValueError("use host:port with an IP address or a DNS name") from None
 
 
 def _check_listen(value: str) -> str:

@@ -16,18 +16,19 @@ from pydantic_settings import BaseSettings
 
 from tunnel_agent.config.settings import AgentSettings
 
-# Keys whose relative paths are taken relative to the configuration file.
+# Keys whose relative paths are taken relative to the configuration file. (Relative stream paths
+# are folders under [media] output_root instead.)
 PATH_KEYS: tuple[tuple[str, ...], ...] = (
     ("hub", "ca_file"),
     ("hub", "cert_file"),
     ("hub", "key_file"),
     ("tunnel", "ca_file"),
     ("cameras", "ca_file"),
-    ("cameras", "streams", "path"),
     ("cameras", "streams", "media_server_ca_file"),
     ("mqtt", "ca_file"),
     ("mqtt", "cert_file"),
     ("mqtt", "key_file"),
+    ("media", "output_root"),
 )
 
 

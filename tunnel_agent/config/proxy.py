@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urlsplit
 
+from tunnel_agent.config.urls import InvalidUrl, check_host
+
 _DEFAULT_PORTS = {"http": 3128, "socks4": 1080, "socks5": 1080, "socks5h": 1080}
 
 
@@ -59,11 +61,17 @@ def parse_proxy_url(text: str) -> ProxyAddress:
         port = parts.port
     except ValueError:
         raise InvalidProxy("not a valid URL") from None
+    if port == 0:
+        raise InvalidProxy("port must be 1-65535")
     scheme = parts.scheme.lower()
     if scheme not in _DEFAULT_PORTS:
         raise InvalidProxy("scheme must be http, socks4, socks5 or socks5h")
     if not parts.hostname:
         raise InvalidProxy("host is missing")
+    try:
+        host = check_host(parts.hostname)
+    except InvalidUrl as exc:
+        raise InvalidProxy(str(exc)) from None
     if parts.path not in ("", "/"):
         raise InvalidProxy("path is meaningless")
     if parts.query or parts.fragment:
@@ -72,7 +80,7 @@ def parse_proxy_url(text: str) -> ProxyAddress:
         raise InvalidProxy("socks4 has no password")
     return ProxyAddress(
         scheme=scheme,
-        host=parts.hostname,
+        host=host,
         port=port if port is not None else _DEFAULT_PORTS[scheme],
         username=unquote(parts.username) if parts.username is not None else None,
         password=unquote(parts.password) if parts.password is not None else None,

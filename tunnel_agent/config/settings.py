@@ -7,6 +7,7 @@ silently does nothing. Secrets are ``SecretStr``: printing a settings object nev
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Annotated, Literal, Self
 
 from pydantic import (
@@ -19,6 +20,7 @@ from pydantic import (
 
 from tunnel_agent.config.base import FileAndEnvironmentSettings, HostPort, Port, Section
 from tunnel_agent.config.proxy import InvalidProxy, ProxyAddress, parse_proxy_url
+from tunnel_agent.config.urls import InvalidUrl, check_host
 from tunnel_agent.hub.connection_string import (
     DEVICE_REQUIRED,
     InvalidConnectionString,
@@ -26,6 +28,7 @@ from tunnel_agent.hub.connection_string import (
     parse_connection_string,
 )
 from tunnel_agent.media.settings import MediaSettings, MqttSettings, StreamSettings
+from tunnel_agent.media.urls import InvalidSource, parse_source
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -166,10 +169,20 @@ class CameraSettings(Section):
     @field_validator("host")
     @classmethod
     def _check_host(cls, value: str) -> str:
-        value = value.strip()
-        if not value or any(ch.isspace() or ch in "/@?#" for ch in value):
-            raise ValueError("must be a host name or an IP address")
-        return value.removeprefix("[").removesuffix("]")
+        try:
+            return check_host(value)
+        except InvalidUrl as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_source(value)
+            except InvalidSource as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @model_validator(mode="after")
     def _streams_need_a_source(self) -> Self:
@@ -215,6 +228,31 @@ class AgentSettings(FileAndEnvironmentSettings):
     observability: ObservabilitySettings = ObservabilitySettings()
     log: LogSettings = LogSettings()
 
+    def secrets(self) -> Iterator[str]:
+        """Every secret this configuration holds, for the log scrubber."""
+        for camera in self.cameras:
+            if camera.password is not None:
+                yield camera.password.get_secret_value()
+        proxy = self.proxy.address
+        if proxy is not None and proxy.password is not None:
+            yield proxy.password
+        hub = self.hub
+        if hub is not None:
+            for secret in (hub.symmetric_key, hub.key_passphrase):
+                if secret is not None:
+                    yield secret.get_secret_value()
+            if hub.connection_string is not None:
+                for part in hub.connection_string.get_secret_value().split(";"):
+                    key, _, value = part.partition("=")
+                    if key == "SharedAccessKey":
+                        yield value
+        if self.mqtt is not None and self.mqtt.password is not None:
+            yield self.mqtt.password.get_secret_value()
+        for camera in self.cameras:
+            for stream in camera.streams:
+                if stream.media_server_password is not None:
+                    yield stream.media_server_password.get_secret_value()
+
     @model_validator(mode="after")
     def _cameras_do_not_clash(self) -> Self:
         names: dict[str, int] = {}
@@ -236,4 +274,21 @@ class AgentSettings(FileAndEnvironmentSettings):
                         f" {ports[port]!r}; a localPort must mean one camera"
                     )
                 ports[port] = camera.name
+        streams = sum(len(camera.streams) for camera in self.cameras)
+        if streams > self.media.max_streams:
+            raise ValueError(
+                f"cameras: {streams} streams configured, more than media.max_streams"
+                f" ({self.media.max_streams})"
+            )
         return self
+
+
+def any_remote_host_warning(settings: AgentSettings) -> str | None:
+    """The contract lets the cloud name the endpoint, so an empty allow-list stays allowed; but
+    the owner should know that it means any host."""
+    if settings.hub is None or settings.tunnel.allowed_remote_hosts:
+        return None
+    return (
+        "tunnel.allowed_remote_hosts is empty: tunnels may connect to any host the cloud names;"
+        ' list your relays, e.g. allowed_remote_hosts = ["relay.example.net"]'
+    )

@@ -254,6 +254,7 @@ class HubLink:
     # -- answering (our loop) -----------------------------------------------------------------
 
     def _start_answer(self, client: IoTHubDeviceClient, request: MethodRequest) -> None:
+        self.log.debug("hub.method_received", method=str(request.name)[:64])
         self._spawn(self._answer(client, request))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:

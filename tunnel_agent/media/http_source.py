@@ -17,7 +17,7 @@ from tunnel_agent.logs import redact_text
 from tunnel_agent.media.settings import MediaSettings
 from tunnel_agent.media.source import SourceBase, SourceState
 from tunnel_agent.media.tasks.base import FrameTask
-from tunnel_agent.media.urls import SourceAddress
+from tunnel_agent.media.urls import SourceAddress, without_credentials
 
 MAX_POLL_PER_S = 10.0
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
@@ -49,7 +49,7 @@ class HttpSnapshotSource(SourceBase):
         frame_tasks: list[FrameTask],
     ) -> None:
         super().__init__(camera, address, settings, frame_tasks)
-        self.url = _without_credentials(address.open_url)
+        self.url = without_credentials(address.open_url)
         self.username, self.password = address.username, address.password
         self._task: asyncio.Task[None] | None = None
 
@@ -109,7 +109,7 @@ class HttpImageFetcher:
     def __init__(
         self, url: str, username: str | None, password: str | None, timeout_s: float
     ) -> None:
-        self.url = _without_credentials(url)
+        self.url = without_credentials(url)
         self.username, self.password = username, password
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._digest = False
@@ -163,9 +163,3 @@ async def _read_body(response: aiohttp.ClientResponse, limit_bytes: int) -> byte
         if len(body) > limit_bytes:
             raise ValueError(f"image larger than {limit_bytes // 2**20} MiB")
     return bytes(body)
-
-
-def _without_credentials(url: str) -> str:
-    scheme, _, rest = url.partition("://")
-    authority, slash, path = rest.partition("/")
-    return f"{scheme}://{authority.rsplit('@', 1)[-1]}{slash}{path}"

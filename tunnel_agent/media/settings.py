@@ -7,6 +7,7 @@ spellings (``taskType``, ``snapshotsPerSecond``, ``mediaServerAddress``, ...) an
 
 from __future__ import annotations
 
+import fnmatch
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -22,6 +23,7 @@ from pydantic import (
 )
 
 from tunnel_agent.config.base import Port, Section
+from tunnel_agent.config.urls import InvalidUrl, check_host, parse_url
 
 TaskType = Literal[
     "snapshot-to-mqtt", "snapshot-to-fs", "clip-to-fs", "stream-to-rtsp", "stream-to-rtsps"
@@ -54,6 +56,8 @@ CLIP_FORMATS = {
     "mjpeg": ("mjpeg", "mjpeg"),
 }
 DEFAULT_TOPIC = "azure-iot-operations/data/{camera}/{stream}"
+MQTT_SCHEMES = ("mqtt", "mqtts")
+TWIN_MIN_FREE_BYTES = 64 * 1024 * 1024  # the low-disk guard the twin cannot go below
 
 
 class StreamSettings(Section):
@@ -115,6 +119,16 @@ class StreamSettings(Section):
             if isinstance(value, str)
             else value
         )
+
+    @field_validator("media_server_address")
+    @classmethod
+    def _check_media_server(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return check_host(value)
+        except InvalidUrl as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("topic")
     @classmethod
@@ -197,27 +211,24 @@ class MqttSettings(Section):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        scheme, sep, rest = value.partition("://")
-        host = rest.rsplit("@", 1)[-1].split("/", 1)[0]
-        if not sep or scheme not in ("mqtt", "mqtts") or not host:
-            raise ValueError("use mqtt://host[:port] or mqtts://host[:port]")
-        if "@" in rest:
+        try:
+            url = parse_url(value, MQTT_SCHEMES)
+        except InvalidUrl as exc:
+            raise ValueError(f"{exc}: use mqtt://host[:port] or mqtts://host[:port]") from None
+        if url.has_credentials:
             raise ValueError("put credentials in username and password, not in the URL")
+        if url.path not in ("", "/") or url.query is not None or url.fragment is not None:
+            raise ValueError("use mqtt://host[:port] or mqtts://host[:port], without a path")
         return value
 
     @property
     def tls(self) -> bool:
-        return self.url.startswith("mqtts://")
+        return parse_url(self.url, MQTT_SCHEMES).scheme == "mqtts"
 
     @property
     def host_port(self) -> tuple[str, int]:
-        authority = self.url.partition("://")[2].split("/", 1)[0]
-        if authority.startswith("["):
-            host, _, rest = authority[1:].partition("]")
-            port = rest.lstrip(":")
-        else:
-            host, _, port = authority.partition(":")
-        return host, int(port) if port else (8883 if self.tls else 1883)
+        url = parse_url(self.url, MQTT_SCHEMES)
+        return url.host, url.port or (8883 if url.scheme == "mqtts" else 1883)
 
     @model_validator(mode="after")
     def _pairs(self) -> Self:
@@ -227,7 +238,8 @@ class MqttSettings(Section):
 
 
 class MediaSettings(Section):
-    """Tunables shared by all cameras' media work, in seconds."""
+    """Tunables shared by all cameras' media work (times in seconds), and what the cloud may
+    change through the ``mediaStreams`` twin property."""
 
     watchdog: Annotated[float, Field(gt=0, le=600)] = 10.0
     open_timeout: Annotated[float, Field(gt=0, le=120)] = 10.0
@@ -236,3 +248,16 @@ class MediaSettings(Section):
     stable_after: Annotated[float, Field(gt=0, le=3600)] = 60.0
     folder_image_interval: Annotated[float, Field(gt=0, le=3600)] = 1.0
     status_interval: Annotated[float, Field(gt=0, le=86_400)] = 60.0
+    # Relative stream paths (all of those from the twin) are folders under this one.
+    output_root: Path = Path("/var/lib/tunnel-agent/media")
+    # Streams on all cameras together, from the file and the twin: each costs a thread and a queue.
+    max_streams: Annotated[int, Field(ge=0, le=1024)] = 16
+    # Limits on what the twin may ask for (the file is the administrator's and is not limited).
+    allowed_media_servers: list[Annotated[str, Field(min_length=1, max_length=253)]] = []
+    allow_plain_restream_from_twin: bool = False
+    max_snapshots_per_second: Annotated[float, Field(gt=0, le=60)] = 5.0
+
+    def media_server_allowed(self, host: str) -> bool:
+        """Whether the twin may send video to ``host`` (globs, any case; none by default)."""
+        host = host.lower().rstrip(".")
+        return any(fnmatch.fnmatchcase(host, p.lower()) for p in self.allowed_media_servers)

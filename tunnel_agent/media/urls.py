@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+from tunnel_agent.config.urls import InvalidUrl, parse_url
+
 
 class SourceKind(enum.Enum):
     RTSP = "rtsp"
@@ -16,8 +18,11 @@ class SourceKind(enum.Enum):
     V4L2 = "v4l2"
 
 
+NETWORK_SCHEMES = ("rtsp", "rtsps", "http", "https")
+
+
 class InvalidSource(ValueError):
-    pass
+    """The camera url cannot be used; the message never repeats credentials."""
 
 
 @dataclass(frozen=True)
@@ -35,31 +40,29 @@ class SourceAddress:
 def parse_source(
     url: str, username: str | None = None, password: str | None = None
 ) -> SourceAddress:
-    parts = urlsplit(url.strip())
-    scheme = parts.scheme.lower()
-    if scheme in ("rtsp", "rtsps", "http", "https"):
-        if not parts.hostname:
-            raise InvalidSource(f"{scheme} URL without a host")
-        user = (
-            username
-            if username is not None
-            else (unquote(parts.username) if parts.username else None)
-        )
-        secret = (
-            password
-            if password is not None
-            else (unquote(parts.password) if parts.password else None)
-        )
-        kind = SourceKind.RTSP if scheme.startswith("rtsp") else SourceKind.HTTP_SNAPSHOT
-        open_url = with_credentials(url.strip(), user, secret)
-        return SourceAddress(kind, open_url, redact_url(url), None, user, secret)
+    """A camera ``url`` checked and classified; InvalidSource says what is wrong with it."""
+    text = url.strip()
+    scheme = text.partition(":")[0].lower()
+    if scheme in NETWORK_SCHEMES:
+        try:
+            parsed = parse_url(text, NETWORK_SCHEMES)
+        except InvalidUrl as exc:
+            raise InvalidSource(f"{scheme} URL: {exc}") from None
+        user = username if username is not None else parsed.username
+        secret = password if password is not None else parsed.password
+        kind = SourceKind.RTSP if parsed.scheme.startswith("rtsp") else SourceKind.HTTP_SNAPSHOT
+        open_url = with_credentials(text, user, secret)
+        return SourceAddress(kind, open_url, redact_url(text), None, user, secret)
     if scheme == "file":
+        parts = urlsplit(text)
+        if parts.netloc not in ("", "localhost"):
+            raise InvalidSource("file URL names a host: use file:///path")
         path = Path(unquote(parts.path))
         if not path.is_absolute():
             raise InvalidSource("file URL needs an absolute path: file:///path")
         if str(path).startswith("/dev/"):
             return SourceAddress(SourceKind.V4L2, str(path), f"file://{path}", path)
-        if url.endswith("/"):
+        if text.endswith("/"):
             return SourceAddress(SourceKind.FOLDER, str(path), f"file://{path}/", path)
         return SourceAddress(SourceKind.FILE, str(path), f"file://{path}", path)
     raise InvalidSource("url must be rtsp://, rtsps://, http(s)://, or file:///")
@@ -87,3 +90,9 @@ def redact_url(url: str) -> str:
         netloc = f"{user}:***@{host}" if ":" in userinfo else f"{user}@{host}"
     query = "***" if parts.query else ""
     return urlunsplit(parts._replace(netloc=netloc, query=query, fragment=""))
+
+
+def without_credentials(url: str) -> str:
+    """The URL without ``user:password@`` (HTTP sources send them in a header instead)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))

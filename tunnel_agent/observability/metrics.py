@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from tunnel_agent.observability.snapshot import AgentView
-from tunnel_agent.tunnel.pump import Tunnel
+from tunnel_agent.tunnel.camera_tunnel import Tunnel
 
 OPEN_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30)
 DURATION_SECONDS_BUCKETS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600)

@@ -17,10 +17,11 @@ import picows
 from tunnel_agent.config.proxy import InvalidProxy, ProxyAddress
 from tunnel_agent.logs import EventLogger
 from tunnel_agent.tunnel import contract
+from tunnel_agent.tunnel.camera_tunnel import Tunnel
 from tunnel_agent.tunnel.errors import BAD_GATEWAY, TunnelError, camera_unreachable
-from tunnel_agent.tunnel.failures import websocket_failure
+from tunnel_agent.tunnel.failures import MSG_DNS, websocket_failure
 from tunnel_agent.tunnel.proxy_choice import choose_proxy
-from tunnel_agent.tunnel.pump import PumpLimits, Tunnel
+from tunnel_agent.tunnel.pump import PumpLimits
 from tunnel_agent.tunnel.request import TunnelRequest
 from tunnel_agent.tunnel.targets import CameraTarget
 
@@ -67,6 +68,8 @@ async def connect_tunnel(
     """Connect the camera, then the WebSocket, and start pumping; or raise TunnelError."""
     loop = asyncio.get_running_loop()
     endpoint = request.endpoint
+    if endpoint.never_resolves:
+        raise TunnelError(BAD_GATEWAY, endpoint.display, MSG_DNS)
     tunnel = Tunnel(tunnel_id, target, endpoint.display, options.limits, log)
     try:
         async with asyncio.timeout(options.connect_timeout_s):

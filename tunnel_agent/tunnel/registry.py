@@ -11,8 +11,8 @@ import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
 
+from tunnel_agent.tunnel.camera_tunnel import Tunnel
 from tunnel_agent.tunnel.errors import shutting_down, too_many_tunnels
-from tunnel_agent.tunnel.pump import Tunnel
 from tunnel_agent.tunnel.request import TunnelRequest
 
 

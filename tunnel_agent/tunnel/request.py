@@ -48,6 +48,15 @@ class RemoteEndpoint:
     def secure(self) -> bool:
         return self.scheme == _SECURE_SCHEME
 
+    @property
+    def never_resolves(self) -> bool:
+        """A name under ``.invalid`` (RFC 6761 6.4): answered at once, without asking any DNS.
+
+        Otherwise a device whose DNS server does not answer would time out instead.
+        """
+        host = self.host.lower()
+        return host == "invalid" or host.endswith(".invalid")
+
 
 @dataclass(frozen=True)
 class TunnelRequest:

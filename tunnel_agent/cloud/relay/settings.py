@@ -8,6 +8,7 @@ from pydantic import Field, FilePath, SecretStr, field_validator, model_validato
 
 from tunnel_agent.config.base import FileAndEnvironmentSettings, HostPort, Port, Section
 from tunnel_agent.config.settings import LogSettings
+from tunnel_agent.config.urls import InvalidUrl, parse_url
 from tunnel_agent.hub.connection_string import (
     SERVICE_REQUIRED,
     InvalidConnectionString,
@@ -35,10 +36,15 @@ class RelayServerSettings(Section):
     @field_validator("public_url")
     @classmethod
     def _check_public_url(cls, value: str) -> str:
-        value = value.rstrip("/")
-        if not value.startswith(("wss://", "ws://")) or "?" in value or "#" in value:
-            raise ValueError("must be a ws:// or wss:// base URL without query or fragment")
-        return value
+        try:
+            url = parse_url(value, ("wss", "ws"))
+        except InvalidUrl as exc:
+            raise ValueError(f"{exc}: use a ws:// or wss:// base URL") from None
+        if url.query is not None or url.fragment is not None or url.has_credentials:
+            raise ValueError(
+                "must be a ws:// or wss:// base URL without credentials, query or fragment"
+            )
+        return value.strip().rstrip("/")
 
     @field_validator("api_key")
     @classmethod
@@ -66,6 +72,16 @@ class IotHubServiceSettings(Section):
     service_connection_string: SecretStr
     rest_url: str | None = None
     ca_file: FilePath | None = None
+
+    @field_validator("rest_url")
+    @classmethod
+    def _check_rest_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_url(value, ("https", "http"))
+            except InvalidUrl as exc:
+                raise ValueError(f"{exc}: use an https:// URL") from None
+        return value
 
     @field_validator("service_connection_string")
     @classmethod

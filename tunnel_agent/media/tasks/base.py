@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from typing import Generic, TypeVar
 
-from tunnel_agent.logs import EventLogger
+from tunnel_agent.logs import EventLogger, redact_text
 from tunnel_agent.media.backoff import Backoff
 from tunnel_agent.media.packets import CapturedFrame, MediaPacket, StreamTemplate
 from tunnel_agent.media.settings import StreamSettings
@@ -99,6 +99,12 @@ class MediaTask(Generic[Item]):
 
     def _run(self) -> None:
         self._set_state(TaskState.WAITING)
+        try:
+            self.begin()
+        except TaskError as exc:
+            self._fail(str(exc))
+        except Exception as exc:
+            self._fail(f"{type(exc).__name__}: {exc}")
         while True:
             item = self._queue.get()
             if isinstance(item, _Stop):
@@ -130,6 +136,8 @@ class MediaTask(Generic[Item]):
             self.log.warning("media.task_reset_failed", error=f"{type(exc).__name__}: {exc}")
 
     def _set_state(self, state: TaskState, reason: str | None = None, **fields: object) -> None:
+        # The reason goes to /status and the twin as well as the log: scrub it here, once.
+        reason = redact_text(reason) if reason is not None else None
         if state == self.state and reason == self.reason:
             return
         self.state, self.reason = state, reason
@@ -152,6 +160,9 @@ class MediaTask(Generic[Item]):
 
     def handle(self, item: Item) -> None:
         raise NotImplementedError
+
+    def begin(self) -> None:
+        """Work before the first item, e.g. recovering the files a crash left."""
 
     def reset(self) -> None:
         """Drop whatever half-done work a failure left (an open file, a connection)."""

@@ -2,13 +2,21 @@
 
 A clip starts on a keyframe and ends on the first keyframe at or after ``duration`` seconds, which
 also starts the next clip, so nothing falls between two clips and each lasts the requested time
-within one keyframe interval. It is written under a temporary name and renamed when complete; MP4
-and MOV get their index at the front (``+faststart``).
+within one keyframe interval. It is written under a temporary name, flushed to disk and renamed when
+complete. MP4 and MOV are written fragmented (the header at the front, then one fragment per
+keyframe interval) so that, like MKV or MPEG-TS, a clip cut short by a crash is readable up to its
+last complete fragment.
+
+A temporary clip found at start is what a crash (``kill -9``, a power cut) interrupted: what is
+readable of it, from its first keyframe, is copied into a final clip named like the others; a
+temporary without a readable keyframe is removed. Either way the log says which.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,13 +26,73 @@ import av.container
 import av.stream
 
 from tunnel_agent.media.backoff import Backoff
-from tunnel_agent.media.files import temporary_path
+from tunnel_agent.media.files import final_path, is_scratch, publish, scratch_path, temporary_path
 from tunnel_agent.media.packets import MediaPacket, StreamTemplate
 from tunnel_agent.media.settings import StreamSettings
 from tunnel_agent.media.tasks.base import PacketTask, TaskError
 from tunnel_agent.media.tasks.output import OutputFolder
 
-FASTSTART = {"mp4", "mov"}
+FRAGMENTED = {"movflags": "frag_keyframe+empty_moov+default_base_moof"}
+MUXER_OPTIONS = {"mp4": FRAGMENTED, "mov": FRAGMENTED}
+
+
+def salvage_clip(partial: Path, final: Path, muxer: str) -> int:
+    """Copy what is readable of ``partial`` (from its first keyframe) into ``final`` and remove
+    ``partial``; return the packets kept. 0 means nothing worth keeping, and no file written.
+
+    The last packet read is left out: a file cut short may have cut it too.
+    """
+    scratch = scratch_path(final)
+    kept = 0
+    try:
+        with av.open(str(partial), "r") as source:
+            if not source.streams.video:
+                return 0
+            stream = source.streams.video[0]
+            output = av.open(str(scratch), "w", format=muxer, options=MUXER_OPTIONS.get(muxer, {}))
+            try:
+                target: Any = output.add_stream_from_template(stream)
+                previous: av.Packet[Any] | None = None
+                for packet in _readable_from_keyframe(source, stream):
+                    if previous is not None:
+                        previous.stream = target
+                        try:
+                            output.mux(previous)
+                        except (av.FFmpegError, ValueError):
+                            break
+                        kept += 1
+                    previous = packet
+            finally:
+                with contextlib.suppress(av.FFmpegError, OSError):
+                    output.close()
+    except (av.FFmpegError, OSError, ValueError):
+        pass  # unreadable from the start: nothing kept
+    if kept == 0:
+        scratch.unlink(missing_ok=True)
+        return 0
+    publish(scratch, final)
+    partial.unlink(missing_ok=True)
+    return kept
+
+
+def _readable_from_keyframe(
+    source: av.container.InputContainer, stream: av.stream.Stream
+) -> Iterator[av.Packet[Any]]:
+    """Packets with increasing timestamps from the first keyframe, until the file stops making
+    sense."""
+    last_dts: int | None = None
+    try:
+        for packet in source.demux(stream):
+            if packet.dts is None or packet.size == 0:
+                continue
+            if last_dts is None and not packet.is_keyframe:
+                continue
+            if last_dts is not None and packet.dts <= last_dts:
+                continue
+            last_dts = packet.dts
+            yield packet
+    except (av.FFmpegError, EOFError, ValueError):
+        return
 
 
 class _OpenClip:
@@ -47,10 +115,12 @@ class _OpenClip:
 class ClipToFs(PacketTask):
     queue_size = 512  # a few seconds of video: a slow disk may lag, not the camera
 
-    def __init__(self, camera: str, settings: StreamSettings, backoff: Backoff) -> None:
+    def __init__(
+        self, camera: str, settings: StreamSettings, backoff: Backoff, folder: Path
+    ) -> None:
         super().__init__(camera, settings, backoff)
         self.muxer, self.extension = settings.clip_format
-        self.output = OutputFolder(self, settings, self.extension)
+        self.output = OutputFolder(self, settings, self.extension, folder, self._recover)
         self._template: StreamTemplate | None = None
         self._clip: _OpenClip | None = None
 
@@ -89,7 +159,7 @@ class ClipToFs(PacketTask):
         if not self.output.has_room():
             return None
         final = self.output.next_file(datetime.fromtimestamp(first.captured_at, tz=UTC))
-        options = {"movflags": "+faststart"} if self.muxer in FASTSTART else {}
+        options = MUXER_OPTIONS.get(self.muxer, {})
         try:
             container = av.open(str(temporary_path(final)), "w", format=self.muxer, options=options)
         except (av.FFmpegError, OSError) as exc:
@@ -111,10 +181,36 @@ class ClipToFs(PacketTask):
         if clip.packets == 0:
             clip.temporary.unlink(missing_ok=True)
             return
-        clip.temporary.replace(clip.final)
+        try:
+            size_bytes = clip.temporary.stat().st_size
+            publish(clip.temporary, clip.final)
+        except OSError as exc:
+            clip.temporary.unlink(missing_ok=True)
+            self.output.check_again()
+            raise TaskError(f"cannot finish {clip.final.name}: {exc.strerror or exc}") from None
         self.counters["clips"] += 1
         self.log.info("media.clip_written", file=clip.final.name, packets=clip.packets)
-        self.output.prune()
+        self.output.published(clip.final, size_bytes, time.time())
+
+    def begin(self) -> None:
+        self.output.prepare()
+
+    def _recover(self, leftover: Path) -> None:
+        """A temporary clip a crash left: salvage what is readable, else remove it."""
+        if is_scratch(leftover):  # a salvage that was itself interrupted: the partial remains
+            leftover.unlink(missing_ok=True)
+            return
+        final = final_path(leftover)
+        kept = salvage_clip(leftover, final, self.muxer)
+        if kept:
+            self.counters["partial_clips_salvaged"] += 1
+            self.log.warning("media.partial_clip_salvaged", file=final.name, packets=kept)
+        else:
+            leftover.unlink(missing_ok=True)
+            self.counters["partial_files_removed"] += 1
+            self.log.warning(
+                "media.partial_clip_removed", file=leftover.name, reason="no readable keyframe"
+            )
 
     def reset(self) -> None:
         clip, self._clip = self._clip, None

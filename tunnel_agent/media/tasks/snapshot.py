@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import av
 
 from tunnel_agent.media.backoff import Backoff
 from tunnel_agent.media.encode import CONTENT_TYPES, ImageEncoder
 from tunnel_agent.media.files import write_atomically
-from tunnel_agent.media.mqtt import OutgoingMessage
+from tunnel_agent.media.messages import OutgoingMessage
 from tunnel_agent.media.packets import CapturedFrame
 from tunnel_agent.media.settings import StreamSettings
 from tunnel_agent.media.tasks.base import FrameTask, TaskError
@@ -33,10 +35,15 @@ def image_bytes(captured: CapturedFrame, encoder: ImageEncoder) -> bytes:
 
 
 class SnapshotToFs(FrameTask):
-    def __init__(self, camera: str, settings: StreamSettings, backoff: Backoff) -> None:
+    def __init__(
+        self, camera: str, settings: StreamSettings, backoff: Backoff, folder: Path
+    ) -> None:
         super().__init__(camera, settings, backoff)
         self.encoder = ImageEncoder(settings.image_format)
-        self.output = OutputFolder(self, settings, EXTENSIONS[settings.image_format])
+        self.output = OutputFolder(self, settings, EXTENSIONS[settings.image_format], folder)
+
+    def begin(self) -> None:
+        self.output.prepare()
 
     def handle(self, item: CapturedFrame) -> None:
         if not self.output.has_room():
@@ -51,7 +58,7 @@ class SnapshotToFs(FrameTask):
         self.counters["snapshots"] += 1
         self.counters["bytes_written"] += len(data)
         self.running()
-        self.output.prune()
+        self.output.published(target, len(data), time.time())
 
     def reset(self) -> None:
         self.output.check_again()
