@@ -52,7 +52,7 @@ from bench.peers import _serve_stdin
 from tests.support.agent import AgentRunner
 from tests.support.browser import Browser
 from tests.support.camera import CAMERA_SCRIPT, SYSTEM_PYTHON
-from tests.support.net import free_port, fresh_loopback_block
+from tests.support.net import free_port, fresh_loopback_ip
 from tests.support.threadloop import ThreadLoop
 from tunnel_agent.cloud.devhub.hub import DevHub
 
@@ -148,9 +148,10 @@ class ViewRig:
         self.folder = folder
         self.children: list[Child] = []
         self.loop = ThreadLoop("bench-view")
-        self.devhub = DevHub(folder / "devhub", f"{LOOPBACK}:{free_port()}", fresh_loopback_block())
+        hub_host = fresh_loopback_ip()
+        self.devhub = DevHub(folder / "devhub", f"{hub_host}:{free_port(hub_host)}")
         self.loop.run(self.devhub.start())
-        device = self.loop.run(self.devhub.add_device("bench-view"))
+        self.devhub.add_device("bench-view")
         self.cameras = {
             "cpu": self._camera("camera-cpu", CPU_CAMERA),
             "clock": self._camera("camera-clock", ["--clock"]),
@@ -159,7 +160,10 @@ class ViewRig:
         self.agent = AgentRunner(
             folder / "agent",
             {
-                "hub": {"connection_string": device.connection_string(), "ca_file": ca_file},
+                "hub": {
+                    "connection_string": self.devhub.connection_string("bench-view"),
+                    "ca_file": ca_file,
+                },
                 "tunnel": {"ca_file": ca_file, "max_tunnels": 64},
                 "cameras": [
                     {"name": "cpu", "host": LOOPBACK, "ports": [self.cameras["cpu"]]},
@@ -168,7 +172,7 @@ class ViewRig:
             },
         )
         self.agent.wait_connected()
-        self.loop.run(self.devhub.links["bench-view"].wait_device(20))
+        self.loop.run(self.devhub.wait_device("bench-view", 20))
         relay_port, self.view_port = free_port(), free_port()
         self.route_ports = {name: free_port() for name in self.cameras}
         tls = self.devhub.ca.issue("relay", [LOOPBACK])
