@@ -40,7 +40,7 @@ from tunnel_agent.media.pacing import (
 from tunnel_agent.media.packets import CapturedFrame, MediaPacket, StreamTemplate
 from tunnel_agent.media.settings import MediaSettings
 from tunnel_agent.media.tasks.base import FrameTask, PacketTask
-from tunnel_agent.media.urls import SourceAddress, SourceKind
+from tunnel_agent.media.urls import SourceAddress, SourceKind, rtsp_input_options
 
 RESET_AFTER_S = 1.0  # a DTS this far back is the source restarting its clock, not reordering
 MAX_WAITING_PACKETS = 16  # packets held while the demuxer gives no DTS
@@ -241,14 +241,7 @@ class CameraSource(SourceBase):
         container_format: str | None = None
         kind = self.address.kind
         if kind is SourceKind.RTSP:
-            options = {
-                "rtsp_transport": "tcp",
-                "timeout": str(int(self.settings.watchdog * 1_000_000)),
-            }
-            if url.startswith("rtsps://"):
-                options["tls_verify"] = "1"
-                if self.ca_file is not None:
-                    options["ca_file"] = str(self.ca_file)
+            options = rtsp_input_options(url, self.ca_file, self.settings.watchdog)
         elif kind is SourceKind.V4L2:
             container_format = "v4l2"
         self._restart.clear()
