@@ -24,6 +24,9 @@ case "${1:-test}" in
   *) echo "usage: $0 [demo|test]" >&2; exit 2 ;;
 esac
 
+# Before fetching anything: an interpreter that is already there and too old (Ubuntu 22.04's 3.10).
+bash "$(dirname "$0")/check-python.sh" --if-present
+
 missing=()
 for pkg in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -33,14 +36,15 @@ if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
 
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
-APT=($SUDO env DEBIAN_FRONTEND=noninteractive apt-get)
+SUDO=()
+[ "$(id -u)" -eq 0 ] || SUDO=(sudo)
+# env after sudo: sudo would drop DEBIAN_FRONTEND from the environment.
+APT=("${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get)
 # Do not let the packages' own services start on their default ports: the project runs its own.
 if [ ! -e /usr/sbin/policy-rc.d ]; then
-  printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
-  $SUDO chmod +x /usr/sbin/policy-rc.d
-  trap '$SUDO rm -f /usr/sbin/policy-rc.d' EXIT
+  printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee /usr/sbin/policy-rc.d >/dev/null
+  "${SUDO[@]}" chmod +x /usr/sbin/policy-rc.d
+  trap '"${SUDO[@]}" rm -f /usr/sbin/policy-rc.d' EXIT
 fi
 
 echo "system packages: updating the package lists"

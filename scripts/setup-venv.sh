@@ -14,6 +14,7 @@ case "$PURPOSE" in
   runtime) args=() ;;
   *) echo "usage: $0 [test|demo|runtime]" >&2; exit 2 ;;
 esac
+bash scripts/uv.sh --version >/dev/null  # the Python check and uv itself, with their own messages
 # --locked: stop, instead of resolving anew, when uv.lock no longer matches pyproject.toml.
 if ! bash scripts/uv.sh sync --quiet --locked "${args[@]}"; then
   echo "venv: not ready; if uv.lock is out of date, see \"Updating the lock\" in README.md" >&2

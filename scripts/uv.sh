@@ -9,15 +9,7 @@ PYTHON=${PYTHON:-python3}
 TOOLS="$ROOT/.venv-tools"
 REQUIREMENTS="$ROOT/scripts/uv-requirements.txt"
 
-if ! command -v "$PYTHON" >/dev/null; then
-  echo "tunnel-agent: $PYTHON not found; it needs Python 3.11 or newer (Debian 12, Ubuntu 24.04)" >&2
-  exit 1
-fi
-if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
-  echo "tunnel-agent: needs Python 3.11 or newer; $PYTHON is $("$PYTHON" -V 2>&1)." \
-    "Use Debian 12 or Ubuntu 24.04, or set PYTHON=/path/to/python3.11" >&2
-  exit 1
-fi
+bash "$ROOT/scripts/check-python.sh"
 
 wanted=$(sed -n 's/^uv==\([^ ]*\).*/\1/p' "$REQUIREMENTS")
 installed=$("$TOOLS/bin/uv" --version 2>/dev/null | cut -d' ' -f2 || true)

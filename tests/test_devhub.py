@@ -199,3 +199,40 @@ async def test_a_missing_mosquitto_is_named(
     host = fresh_loopback_ip()
     with pytest.raises(BrokerError, match=re.escape(INSTALL_HINT)):
         await DevHub(tmp_path, f"{host}:{free_port(host)}").start()
+
+
+def test_add_device_x509_issues_a_certificate_the_hub_accepts(tmp_path: Path) -> None:
+    host = fresh_loopback_ip()
+    state = tmp_path / "state"
+    hub = ManagedProcess(
+        [*DEVHUB, "--state", str(state), "--rest", f"{host}:{free_port(host)}"],
+        tmp_path / "devhub.log",
+    )
+    try:
+        banner = hub.wait_for(lambda out: "add one with" in out)
+        ca_file = re.search(r"CA certificate:\s+(\S+)", banner).group(1)  # type: ignore[union-attr]
+        printed = command("add-device", "xcam", "--x509", "--state", str(state))
+        cert_file = re.search(r"certificate: (\S+)", printed).group(1)  # type: ignore[union-attr]
+        key_file = re.search(r"key:\s+(\S+)", printed).group(1)  # type: ignore[union-attr]
+        assert printed.splitlines()[-1] == f"HostName={host};DeviceId=xcam;x509=true"
+        agent = AgentRunner(
+            tmp_path / "agent",
+            {
+                "hub": {
+                    "hostname": host,
+                    "device_id": "xcam",
+                    "cert_file": cert_file,
+                    "key_file": key_file,
+                    "ca_file": ca_file,
+                },
+                "cameras": [],
+            },
+        )
+        try:
+            agent.wait_connected()
+            hub.wait_for(lambda out: "client=xcam" in out and "client_connected" in out)
+        finally:
+            agent.stop()
+    finally:
+        hub.signal(signal.SIGTERM)
+        assert hub.wait(20) == 0

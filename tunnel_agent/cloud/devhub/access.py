@@ -300,6 +300,13 @@ class SubscribePlan:
 
     forwarded: list[tuple[str, int]]
     refused_at: list[int]  # positions in the client's list that get 0x80
+    accepted: list[str]  # the client's names of the forwarded filters, in the same order
+
+    def granted(self, codes: list[int]) -> list[str]:
+        """The client's filters the broker granted (its SUBACK codes for ``forwarded``)."""
+        return [
+            name for name, code in zip(self.accepted, codes, strict=False) if code != SUBACK_FAILURE
+        ]
 
     def merge(self, granted: list[int]) -> list[int]:
         """The client's SUBACK codes: the broker's for forwarded filters, 0x80 for the rest."""
@@ -313,10 +320,12 @@ class SubscribePlan:
 def plan_subscribe(principal: Principal, filters: list[tuple[str, int]]) -> SubscribePlan:
     forwarded: list[tuple[str, int]] = []
     refused: list[int] = []
+    accepted: list[str] = []
     for index, (topic_filter, qos) in enumerate(filters):
         mapped = principal.subscription(topic_filter, qos)
         if mapped is None:
             refused.append(index)
         else:
             forwarded.append(mapped)
-    return SubscribePlan(forwarded, refused)
+            accepted.append(topic_filter)
+    return SubscribePlan(forwarded, refused, accepted)

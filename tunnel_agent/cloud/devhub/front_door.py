@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ssl
 import time
 from collections.abc import Callable
@@ -36,6 +37,9 @@ from tunnel_agent.logs import EventLogger
 
 CONNECT_TIMEOUT_S = 10.0
 UPSTREAM_TIMEOUT_S = 10.0
+UPSTREAM_ATTEMPTS = 5
+UPSTREAM_RETRY_S = 0.1
+UPSTREAM_OPENING_LIMIT = 32  # broker connections being opened at once
 MAX_PACKET_BYTES = 270_000  # IoT Hub's 256 KiB messages plus headers
 WRITE_HIGH_BYTES = 256 * 1024
 
@@ -79,6 +83,7 @@ class FrontDoor:
     def __init__(self, config: DoorConfig) -> None:
         self.config = config
         self.sessions: dict[tuple[str, str], set[DoorSession]] = {}
+        self.opening = asyncio.Semaphore(UPSTREAM_OPENING_LIMIT)
         self._servers: list[asyncio.Server] = []
 
     async def listen_tls(
@@ -158,6 +163,7 @@ class DoorSession:
         self._upstream: _Upstream | None = None
         self._held: list[bytes] = []  # client packets that arrive before the broker's CONNACK
         self._subscribes: dict[int, SubscribePlan] = {}
+        self._opening: asyncio.Task[None] | None = None  # held: a task nobody holds can vanish
         self._closed = False
         self._open = False
         loop = asyncio.get_running_loop()
@@ -187,7 +193,7 @@ class DoorSession:
 
     def _from_client(self, packet: mqtt.Packet) -> None:
         if self.principal is None:
-            if self._upstream is not None or packet.kind != mqtt.CONNECT:
+            if packet.kind != mqtt.CONNECT:
                 raise mqtt.ProtocolError("the first packet must be CONNECT")
             self._connect(packet.body)
             return
@@ -217,9 +223,6 @@ class DoorSession:
                 return
             self._subscribes[packet_id] = plan
             self._to_broker(mqtt.encode_subscribe(packet_id, plan.forwarded))
-            self.door.config.events.subscribed(
-                principal, [f for f, _ in filters if principal.subscription(f, 0) is not None]
-            )
         elif packet.kind == mqtt.UNSUBSCRIBE:
             packet_id, topics = mqtt.parse_unsubscribe(packet.body)
             mapped = [m[0] for t in topics if (m := principal.subscription(t, 0)) is not None]
@@ -252,8 +255,7 @@ class DoorSession:
         upstream_connect = mqtt.Connect(
             f"{principal.namespace}", connect.clean_session, connect.keepalive_s
         )
-        self._upstream = _Upstream(self)
-        asyncio.get_running_loop().create_task(
+        self._opening = asyncio.get_running_loop().create_task(
             self._open_upstream(mqtt.encode_connect(upstream_connect))
         )
 
@@ -265,22 +267,37 @@ class DoorSession:
         self.close(None)
 
     async def _open_upstream(self, connect: bytes) -> None:
-        upstream = self._upstream
-        assert upstream is not None
+        """Connect to the broker and send the session's CONNECT; the CONNACK goes to the client.
+
+        A burst of devices (a thousand reconnecting at once) can overflow the unix socket's
+        backlog: a connection the broker never accepted is lost before its CONNACK, so openings
+        are limited in number and retried.
+        """
         loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(UPSTREAM_TIMEOUT_S):
-                await loop.create_unix_connection(lambda: upstream, self.door.config.broker_socket)
-        except (OSError, TimeoutError) as exc:
-            if not self._closed:
-                self.log.error("devhub.broker_unreachable", error=str(exc))
-                self.client.write(mqtt.encode_connack(False, CONNACK_SERVER_UNAVAILABLE))
-                self.close(None)
-            return
-        if self._closed:
-            upstream.close()
-            return
-        upstream.write(connect)
+        failure = "no attempt"
+        async with self.door.opening:
+            for attempt in range(UPSTREAM_ATTEMPTS):
+                if self._closed:
+                    return
+                upstream = self._upstream = _Upstream(self)
+                try:
+                    async with asyncio.timeout(UPSTREAM_TIMEOUT_S):
+                        path = self.door.config.broker_socket
+                        await loop.create_unix_connection(functools.partial(_same, upstream), path)
+                        upstream.write(connect)
+                        connack = await upstream.connack
+                except (OSError, TimeoutError) as exc:
+                    upstream.close()
+                    failure = str(exc) or type(exc).__name__
+                    await asyncio.sleep(UPSTREAM_RETRY_S * (attempt + 1))
+                    continue
+                if not self._closed:
+                    self._connack(connack)
+                return
+        if not self._closed:
+            self.log.error("devhub.broker_unreachable", error=failure)
+            self.client.write(mqtt.encode_connack(False, CONNACK_SERVER_UNAVAILABLE))
+            self.close(None)
 
     # -- from the broker ---------------------------------------------------------------------
 
@@ -291,14 +308,15 @@ class DoorSession:
             topic = principal.outbound_topic(mqtt.publish_topic(packet.body))
             if topic is not None:
                 self.client.write(mqtt.with_topic(packet.flags, packet.body, topic))
-        elif packet.kind == mqtt.CONNACK:
-            self._connack(packet.body)
         elif packet.kind == mqtt.SUBACK:
             packet_id, codes = mqtt.parse_suback(packet.body)
             plan = self._subscribes.pop(packet_id, None)
-            self.client.write(
-                mqtt.encode_suback(packet_id, plan.merge(codes) if plan is not None else codes)
-            )
+            if plan is None:
+                self.client.write(mqtt.encode_suback(packet_id, codes))
+                return
+            # The subscription exists from here on, not from the client's SUBSCRIBE.
+            self.door.config.events.subscribed(principal, plan.granted(codes))
+            self.client.write(mqtt.encode_suback(packet_id, plan.merge(codes)))
         else:
             self.client.write(packet.encode())
 
@@ -367,11 +385,25 @@ class DoorSession:
         elif reason is not None and principal is not None:
             self.log.info("devhub.client_closed", client=principal.name, reason=reason)
 
+    def pause_broker(self) -> None:
+        """The client reads slowly: stop reading from the broker until it catches up."""
+        if self._upstream is not None:
+            self._upstream.pause_reading()
+
+    def resume_broker(self) -> None:
+        if self._upstream is not None:
+            self._upstream.resume_reading()
+
     def broker_lost(self) -> None:
         self.close("broker connection lost")
 
     def client_lost(self) -> None:
         self.close(None)
+
+
+def _same(protocol: _Upstream) -> _Upstream:
+    """A protocol factory that hands out one given protocol."""
+    return protocol
 
 
 class _Upstream(asyncio.Protocol):
@@ -380,6 +412,7 @@ class _Upstream(asyncio.Protocol):
     def __init__(self, session: DoorSession) -> None:
         self.session = session
         self.transport: asyncio.Transport | None = None
+        self.connack: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._reader = mqtt.PacketReader(MAX_PACKET_BYTES)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -389,13 +422,22 @@ class _Upstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             for packet in self._reader.feed(data):
-                self.session.broker_packet(packet)
+                if self.connack.done():
+                    self.session.broker_packet(packet)
+                elif packet.kind == mqtt.CONNACK:
+                    self.connack.set_result(packet.body)
+                else:
+                    self.session.close(f"broker sent packet type {packet.kind} before CONNACK")
+                    return
         except mqtt.ProtocolError as exc:
             self.session.close(f"broker protocol error: {exc}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self.session.broker_lost()
+        if self.connack.done():
+            self.session.broker_lost()
+        else:
+            self.connack.set_exception(ConnectionResetError("broker closed before CONNACK"))
 
     def pause_writing(self) -> None:
         self.session.client.pause_reading()
@@ -467,14 +509,12 @@ class _TlsClient(asyncio.Protocol):
             self.session.client_lost()
 
     def pause_writing(self) -> None:
-        upstream = self.session._upstream if self.session is not None else None
-        if upstream is not None:
-            upstream.pause_reading()
+        if self.session is not None:
+            self.session.pause_broker()
 
     def resume_writing(self) -> None:
-        upstream = self.session._upstream if self.session is not None else None
-        if upstream is not None:
-            upstream.resume_reading()
+        if self.session is not None:
+            self.session.resume_broker()
 
     # ClientLink
     def write(self, data: bytes) -> None:

@@ -12,6 +12,7 @@ name. Errors have IoT Hub's shapes: registry and twin errors ``{"Message": "Erro
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import time
@@ -86,7 +87,7 @@ class HubRestApi:
             verify_sas(
                 request.headers.get("Authorization", ""),
                 self.hub_names,
-                {"service": _b64(self.registry.service_key)},
+                {"service": base64.b64decode(self.registry.service_key)},
                 time.time(),
             )
         except InvalidSignature as exc:
@@ -265,12 +266,6 @@ class HubRestApi:
             took_ms=round((time.monotonic() - started) * 1000, 1),
         )
         return web.json_response({"status": status, "payload": payload})
-
-
-def _b64(key: str) -> bytes:
-    import base64
-
-    return base64.b64decode(key)
 
 
 def _int(text: str | None, default: int) -> int:
