@@ -22,7 +22,7 @@ from tests.conftest import camera_entry
 from tests.support.agent import AgentRunner
 from tests.support.camera import RtspCamera
 from tests.support.fake_device import FakeDevice
-from tests.support.net import free_port, fresh_loopback_block
+from tests.support.net import free_port, fresh_loopback_ip
 from tests.support.processes import ManagedProcess
 from tests.support.threadloop import ThreadLoop
 from tunnel_agent.cloud.devhub.hub import DevHub
@@ -40,24 +40,26 @@ AGENT_EVENTS = ("tunnel.opened", "tunnel.open_repeated", "tunnel.open_failed")
 
 
 async def _start_devhub(folder: Path) -> DevHub:
-    devhub = DevHub(folder / "devhub", f"127.0.0.1:{free_port()}", fresh_loopback_block())
+    host = fresh_loopback_ip()
+    devhub = DevHub(folder / "devhub", f"{host}:{free_port(host)}")
     await devhub.start()
     return devhub
 
 
 async def _add_device(devhub: DevHub, device_id: str) -> str:
     """Register a device; its connection string."""
-    return (await devhub.add_device(device_id)).connection_string()
+    devhub.add_device(device_id)
+    return devhub.connection_string(device_id)
 
 
 async def _fake_device(devhub: DevHub, device_id: str) -> FakeDevice:
-    fake = FakeDevice(devhub.devices[device_id].address, device_id, devhub.ca.cert_file)
+    fake = FakeDevice(devhub.connection_string(device_id), devhub.ca.cert_file)
     await fake.start()
     return fake
 
 
 async def _wait_device(devhub: DevHub, device_id: str, timeout_s: float) -> None:
-    await devhub.links[device_id].wait_device(timeout_s)
+    await devhub.wait_device(device_id, timeout_s)
 
 
 # -- the bed --------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tunnel_agent.aio import in_daemon_thread
 from tunnel_agent.config.settings import AgentSettings, CameraSettings
 from tunnel_agent.logs import SECRETS, EventLogger
 from tunnel_agent.media.backoff import Backoff
@@ -119,10 +120,12 @@ class CameraMedia:
 
         source = self.source
         if isinstance(source, CameraSource):
-            await asyncio.to_thread(source.stop)
+            await in_daemon_thread(source.stop, f"stop-source-{self.camera.name}")
         elif source is not None:
             await source.stop_async()
-        await asyncio.gather(*(asyncio.to_thread(t.stop) for t in self.tasks))
+        await asyncio.gather(
+            *(in_daemon_thread(t.stop, f"stop-{self.camera.name}-{t.name}") for t in self.tasks)
+        )
 
     def status(self) -> dict[str, Any]:
         return {

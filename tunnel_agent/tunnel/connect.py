@@ -7,12 +7,15 @@ direct-method timeout, and every failure closes what was already opened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import picows
+from picows import WSParsedURL
 
 from tunnel_agent.config.proxy import InvalidProxy, ProxyAddress
 from tunnel_agent.logs import EventLogger
@@ -50,6 +53,44 @@ def tls_context(extra_ca_file: Path | None) -> ssl.SSLContext:
     return context
 
 
+class OpeningSockets:
+    """The sockets a WebSocket opening connects (to the endpoint, or to the proxy).
+
+    picows leaves its connection open while it waits for the upgrade answer, even when that wait
+    is cancelled; keeping the sockets here lets a cancelled opening (agent shutdown) end them.
+    """
+
+    def __init__(self) -> None:
+        self._sockets: list[socket.socket] = []
+
+    async def connect(self, where: WSParsedURL) -> socket.socket:
+        """picows's ``socket_factory``: connect to each address in turn, as asyncio would."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(where.host, where.port, type=socket.SOCK_STREAM)
+        failure: OSError = OSError(f"no address for {where.host}")
+        for family, kind, protocol, _, address in infos:
+            sock = socket.socket(family, kind, protocol)
+            self._sockets.append(sock)
+            try:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, address)
+            except OSError as exc:
+                sock.close()
+                failure = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        raise failure
+
+    def shut(self) -> None:
+        """End every connection; the transports holding them see the end and close them."""
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
 def request_headers(token: str, user_agent: str) -> list[tuple[str, str]]:
     return [
         ("Authorization", f"Bearer {token}"),
@@ -77,6 +118,7 @@ async def connect_tunnel(
     except (OSError, TimeoutError):
         raise camera_unreachable(target.host, request.local_port) from None
 
+    sockets = OpeningSockets()
     try:
         try:
             proxy = choose_proxy(endpoint.scheme, endpoint.host, options.proxy, options.environ)
@@ -98,13 +140,15 @@ async def connect_tunnel(
                     proxy=proxy.url() if proxy is not None else None,
                     read_buffer_init_size=READ_BUFFER_INITIAL_BYTES,
                     logger_name="picows.tunnel",
+                    socket_factory=sockets.connect,
                 )
         except TunnelError:
             raise
         except Exception as exc:
             raise websocket_failure(exc, endpoint.display, via_proxy=proxy is not None) from None
-    except BaseException:
-        tunnel.abort("open failed")
+    except BaseException as exc:
+        tunnel.abort("open cancelled" if isinstance(exc, asyncio.CancelledError) else "open failed")
+        sockets.shut()
         raise
     tunnel.start()
     return tunnel
