@@ -51,7 +51,10 @@ def bed(
 def relay(bed: RelayBed) -> RunningRelay:
     # Every consumer here comes from loopback, many per test: the limits have tests of their own.
     return bed.start_relay(
-        max_connections_per_source=64, new_connections_burst=500, new_connections_per_second=100
+        max_connections_per_source=64,
+        new_connections_burst=500,
+        new_connections_per_second=100,
+        auth_failures_burst=1000,  # wrong tokens on purpose, all from 127.0.0.1
     )
 
 

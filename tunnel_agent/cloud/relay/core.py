@@ -57,8 +57,6 @@ from tunnel_agent.tunnel.pump import End, PumpLimits, StreamEnd, WebSocketEnd
 
 HISTORY_SIZE = 100
 PURGE_EVERY_S = 30.0
-AUTH_FAILURE_BURST = 10
-AUTH_FAILURE_PER_S = 0.2
 LOCAL_PORT_WAIT_S = 30.0
 CLOSE_TIMEOUT_S = 2.0
 _TUNNEL_PATH = re.compile(rb"^/v1/tunnels/([^/]{1,64})$")
@@ -137,7 +135,9 @@ class Relay:
             settings.new_connections_burst,
             settings.new_connections_per_second,
         )
-        self.auth_failures = FailureLimits(AUTH_FAILURE_BURST, AUTH_FAILURE_PER_S)
+        self.auth_failures = FailureLimits(
+            settings.auth_failures_burst, settings.auth_failures_per_second
+        )
         self.consumer_limits = PumpLimits(
             ping_interval_s=settings.ping_interval,
             ping_timeout_s=settings.ping_timeout,

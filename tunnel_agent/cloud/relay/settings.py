@@ -47,6 +47,9 @@ class RelayServerSettings(Section):
     new_connections_burst: Annotated[int, Field(ge=1, le=10_000)] = 10
     new_connections_per_second: Annotated[float, Field(gt=0, le=10_000)] = 1.0
     max_message_bytes: Annotated[int, Field(ge=64 * 1024, le=64 * MiB)] = 4 * MiB
+    # Wrong API keys and tokens per source: a burst, then this rate; beyond, 429 for everyone there.
+    auth_failures_burst: Annotated[int, Field(ge=1, le=10_000)] = 10
+    auth_failures_per_second: Annotated[float, Field(gt=0, le=1000)] = 0.2
     header_timeout: Annotated[float, Field(gt=0, le=10)] = 10.0
     keepalive_timeout: Annotated[float, Field(gt=0, le=75)] = 15.0
     max_connections: Annotated[int, Field(ge=16, le=1_000_000)] = 1024
