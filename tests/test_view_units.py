@@ -21,8 +21,13 @@ from tunnel_agent.cloud.relay.view.boxes import (
     hevc_codec_string,
 )
 from tunnel_agent.cloud.relay.view.fanout import GopCache, Offer, ViewerQueue
-from tunnel_agent.cloud.relay.view.remux import CameraStreamError, remux, usable_dts
-from tunnel_agent.cloud.relay.view.segments import Fragment, InitSegment, Keyframe
+from tunnel_agent.cloud.relay.view.remux import remux, usable_dts
+from tunnel_agent.cloud.relay.view.segments import (
+    CameraStreamError,
+    Fragment,
+    InitSegment,
+    Keyframe,
+)
 from tunnel_agent.cloud.relay.view.snapshot import keyframe_to_jpeg
 
 FPS = 15

@@ -24,7 +24,12 @@ from tunnel_agent.cloud.relay.view.boxes import (
     describe_init,
     fragment_starts_with_sync,
 )
-from tunnel_agent.cloud.relay.view.segments import Fragment, InitSegment, Keyframe
+from tunnel_agent.cloud.relay.view.segments import (
+    CameraStreamError,
+    Fragment,
+    InitSegment,
+    Keyframe,
+)
 
 ANALYZE_DURATION_US = 500_000
 PLAYABLE_VIDEO = ("h264", "hevc")
@@ -36,10 +41,6 @@ MUXER_OPTIONS = {
     "frag_duration": "1",
     "flush_packets": "1",
 }
-
-
-class CameraStreamError(Exception):
-    """The camera's stream cannot be shown (nothing playable in it); the reason is for users."""
 
 
 class RemuxSink(Protocol):
