@@ -13,8 +13,12 @@ import base64
 import dataclasses
 import json
 import os
+import re
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -446,3 +450,48 @@ def test_the_index_page_lists_a_session_made_through_the_api(
 
     assert cells[:3] == [session["id"], AGENT_DEVICE, str(bed.cloud.camera_port())]
     assert API_KEY in stored and API_KEY not in browser.driver.current_url
+
+
+def test_demo_keep_running_prints_a_view_link_that_plays(
+    browser: Browser, blank: None, tmp_path: Path
+) -> None:
+    demo = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tunnel_agent",
+            "demo",
+            "--seconds",
+            "2",
+            "--keep-running",
+            "--output",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert demo.stdout is not None
+        seen: list[str] = []
+        deadline = time.monotonic() + 120
+        link = None
+        while link is None:
+            assert time.monotonic() < deadline and demo.poll() is None, "".join(seen)
+            line = demo.stdout.readline()
+            seen.append(line)
+            if "watch in a browser" in line:
+                link = line.split()[-1]
+
+        assert re.fullmatch(r"https://127\.0\.0\.1:\d+/v1/sessions/\w+/view#token=\S+", link)
+        browser.open(link)
+        _, last = browser.wait_playing(2.0)
+        assert (last["width"], last["height"]) == CAMERA_SIZE
+    finally:
+        demo.send_signal(signal.SIGINT)
+        try:
+            demo.wait(30)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+            demo.wait(10)
+    assert demo.returncode == 0
