@@ -7,12 +7,15 @@ direct-method timeout, and every failure closes what was already opened.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import picows
+from python_socks import ProxyTimeoutError
+from python_socks.async_.asyncio import Proxy
 
 from tunnel_agent.config.proxy import InvalidProxy, ProxyAddress
 from tunnel_agent.logs import EventLogger
@@ -49,6 +52,20 @@ def tls_context(extra_ca_file: Path | None) -> ssl.SSLContext:
     return context
 
 
+async def proxy_tunnel(
+    proxy: ProxyAddress, host: str, port: int, timeout_s: float
+) -> socket.socket:
+    """A TCP stream to ``host:port`` through ``proxy`` (HTTP CONNECT, SOCKS4 or SOCKS5).
+
+    Opened here rather than inside the WebSocket library so that a proxy that does not answer
+    is told apart from an endpoint that does not: each has its own message.
+    """
+    sock: socket.socket = await Proxy.from_url(proxy.url()).connect(
+        dest_host=host, dest_port=port, timeout=timeout_s
+    )
+    return sock
+
+
 def request_headers(token: str, user_agent: str) -> list[tuple[str, str]]:
     return [
         ("Authorization", f"Bearer {token}"),
@@ -83,8 +100,15 @@ async def connect_tunnel(
             raise TunnelError(
                 BAD_GATEWAY, endpoint.display, "Proxy setting in the environment is invalid"
             ) from None
+        in_proxy, sock = False, None
         try:
             async with asyncio.timeout(options.handshake_timeout_s):
+                if proxy is not None:
+                    in_proxy = True
+                    sock = await proxy_tunnel(
+                        proxy, endpoint.host, endpoint.port, options.handshake_timeout_s
+                    )
+                    in_proxy = False
                 await picows.ws_connect(
                     lambda: tunnel.remote,
                     endpoint.url,
@@ -94,14 +118,16 @@ async def connect_tunnel(
                     max_frame_size=MAX_FRAME_BYTES,
                     extra_headers=request_headers(request.token, options.user_agent(target)),
                     max_redirects=0,
-                    proxy=proxy.url() if proxy is not None else None,
+                    socket_factory=(lambda _url: sock) if sock is not None else None,
                     read_buffer_init_size=READ_BUFFER_INITIAL_BYTES,
                     logger_name="picows.tunnel",
                 )
-        except TunnelError:
-            raise
         except Exception as exc:
-            raise websocket_failure(exc, endpoint.display, via_proxy=proxy is not None) from None
+            if sock is not None:
+                sock.close()
+            if isinstance(exc, TimeoutError) and in_proxy:
+                exc = ProxyTimeoutError("no tunnel from the proxy in time")
+            raise websocket_failure(exc, endpoint.display, via_proxy=in_proxy) from None
     except BaseException:
         tunnel.abort("open failed")
         raise
