@@ -18,7 +18,7 @@ from tests.conftest import camera_entry
 from tests.support.agent import AgentRunner
 from tests.support.camera import RtspCamera
 from tests.support.fake_device import FakeDevice
-from tests.support.net import free_port, fresh_loopback_block
+from tests.support.net import free_port, fresh_loopback_ip
 from tests.support.threadloop import ThreadLoop
 from tests.support.waiting import until
 from tests.test_tunnel_video import decode_frames, ffprobe
@@ -75,23 +75,23 @@ def cloud(
     records = RawRecords()
     logging.getLogger().addHandler(records)
     logging.getLogger().setLevel(logging.INFO)
-    devhub = DevHub(folder / "devhub", f"127.0.0.1:{free_port()}", fresh_loopback_block())
+    hub_host = fresh_loopback_ip()
+    devhub = DevHub(folder / "devhub", f"{hub_host}:{free_port(hub_host)}")
     servers.run(devhub.start())
-    agent_device = servers.run(devhub.add_device("agent-cam"))
-    fake_device = servers.run(devhub.add_device("fake-cam"))
-    servers.run(devhub.add_device("offline-cam"))
+    for device_id in ("agent-cam", "fake-cam", "offline-cam"):
+        devhub.add_device(device_id)
     agent = AgentRunner(
         folder / "agent",
         {
             "hub": {
-                "connection_string": agent_device.connection_string(),
+                "connection_string": devhub.connection_string("agent-cam"),
                 "ca_file": str(devhub.ca.cert_file),
             },
             "tunnel": {"ca_file": str(devhub.ca.cert_file)},
             "cameras": [camera_entry(camera)],
         },
     )
-    fake = FakeDevice(fake_device.address, "fake-cam", devhub.ca.cert_file)
+    fake = FakeDevice(devhub.connection_string("fake-cam"), devhub.ca.cert_file)
     servers.run(fake.start())
     relay_port = free_port()
     tls = devhub.ca.issue("relay", ["127.0.0.1"])
@@ -132,7 +132,7 @@ def cloud(
     )
     relay = servers.run(start_relay(settings))
     agent.wait_connected()
-    servers.run(devhub.links["agent-cam"].wait_device(20))
+    servers.run(devhub.wait_device("agent-cam", 20))
     yield Cloud(devhub, relay, agent, camera, fake, routes, records, servers)
     agent.stop()
     servers.run(fake.stop())
@@ -330,7 +330,11 @@ async def test_no_token_or_key_in_any_log(cloud: Cloud, tmp_path: Path) -> None:
     await asyncio.to_thread(cloud.agent.wait_event, "tunnel.closed", closed + 1)
     text = cloud.records.text() + cloud.agent.output()
     secrets = [API_KEY, cloud.devhub.service_connection_string.split("SharedAccessKey=")[1]]
-    secrets += [d.key for d in cloud.devhub.devices.values()]
+    secrets += [
+        key
+        for device in cloud.devhub.registry.devices().values()
+        for key in device["authentication"]["symmetricKey"].values()
+    ]
     secrets.append(call.payload["remoteAuthorizationToken"])
     secrets += [c.payload["remoteAuthorizationToken"] for c in cloud.fake.seen]
     assert len(secrets) >= 6

@@ -1,4 +1,5 @@
-"""``tunnel-agent devhub`` as users run it: start, add devices live, twins, errors, clean stop."""
+"""``tunnel-agent devhub`` as users run it: one host name for every device, the commands that
+print connection strings, DPS enrollments, twins that survive a restart, errors, a clean stop."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ import psutil
 import pytest
 
 from tests.support.agent import AgentRunner
-from tests.support.net import free_port, fresh_loopback_block
+from tests.support.net import free_port, fresh_loopback_ip
 from tests.support.processes import ManagedProcess
 from tunnel_agent.cloud.devhub import broker as broker_module
-from tunnel_agent.cloud.devhub.broker import INSTALL_HINT, BrokerError, BrokerSpec, MosquittoBroker
+from tunnel_agent.cloud.devhub.broker import INSTALL_HINT, BrokerError
+from tunnel_agent.cloud.devhub.hub import DevHub
 from tunnel_agent.cloud.sas import generate_sas
 
 DEVHUB = [sys.executable, "-m", "tunnel_agent", "devhub"]
@@ -37,86 +39,119 @@ def mosquittos_under(folder: Path) -> list[psutil.Process]:
     return found
 
 
-async def test_devhub_cli_adds_devices_live_answers_methods_and_keeps_twins(tmp_path: Path) -> None:
-    state, rest, block = tmp_path / "state", f"127.0.0.1:{free_port()}", fresh_loopback_block()
+def command(*args: str) -> str:
+    done = subprocess.run([*DEVHUB, *args], capture_output=True, text=True, timeout=30, check=True)
+    return done.stdout
+
+
+async def invoke(
+    http: aiohttp.ClientSession, rest: str, sas: str, device_id: str
+) -> dict[str, object]:
+    body = {
+        "methodName": "tunnelOpen",
+        "payload": {
+            "remoteEndpoint": "wss://x.example/t",
+            "remoteAuthorizationToken": "t",
+            "localPort": 554,
+        },
+        "responseTimeoutInSeconds": 10,
+    }
+    async with http.post(
+        f"https://{rest}/twins/{device_id}/methods", json=body, headers={"Authorization": sas}
+    ) as response:
+        assert response.status == 200, await response.text()
+        answer: dict[str, object] = await response.json()
+        return answer
+
+
+async def test_devhub_cli_serves_every_device_on_one_host_name(tmp_path: Path) -> None:
+    host = fresh_loopback_ip()
+    state, rest = tmp_path / "state", f"{host}:{free_port(host)}"
     hub = ManagedProcess(
-        [*DEVHUB, "--state", str(state), "--rest", rest, "--address-block", block],
-        tmp_path / "devhub.log",
+        [*DEVHUB, "--state", str(state), "--rest", rest, "--dps", host], tmp_path / "devhub.log"
     )
+    agents: list[AgentRunner] = []
     try:
         banner = hub.wait_for(lambda out: "add one with" in out)
         service = re.search(r"service connection string: (\S+)", banner).group(1)  # type: ignore[union-attr]
         ca_file = re.search(r"CA certificate:\s+(\S+)", banner).group(1)  # type: ignore[union-attr]
         assert service.startswith(f"HostName={rest};SharedAccessKeyName=service;SharedAccessKey=")
-        assert Path(ca_file).exists()
+        assert f"device MQTT (TLS):         {host}:8883" in banner
+        assert json.loads((state / "addresses.json").read_text())["mqtt"] == f"{host}:8883"
 
-        added = subprocess.run(
-            [*DEVHUB, "add-device", "cam9", "--state", str(state)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
-        device = added.stdout.strip()
-        match = re.fullmatch(r"HostName=(127\.[\d.]+);DeviceId=cam9;SharedAccessKey=\S+", device)
-        assert match, device
-        hub.wait_for(lambda out: "devhub.device_ready" in out and "cam9" in out, timeout_s=15)
+        strings = {}
+        for name in ("cam9", "cam10"):  # separate commands, as users run them
+            strings[name] = command("add-device", name, "--state", str(state)).strip()
+            assert re.fullmatch(
+                rf"HostName={re.escape(host)};DeviceId={name};SharedAccessKey=\S+", strings[name]
+            ), strings[name]
+            assert (
+                command("connection-string", name, "--state", str(state)).strip() == strings[name]
+            )
 
-        agent = AgentRunner(
-            tmp_path / "agent",
-            {"hub": {"connection_string": device, "ca_file": ca_file}, "cameras": []},
-        )
-        try:
-            agent.wait_connected()
-            key = service.split("SharedAccessKey=")[1]
-            sas = generate_sas(rest, key, "service", int(time.time()) + 300)
-            tls = ssl.create_default_context(cafile=ca_file)
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls)) as http:
-                body = {
-                    "methodName": "tunnelOpen",
-                    "payload": {
-                        "remoteEndpoint": "wss://x.example/t",
-                        "remoteAuthorizationToken": "t",
-                        "localPort": 554,
+        key = service.split("SharedAccessKey=")[1]
+        sas = generate_sas(rest, key, "service", int(time.time()) + 300)
+        tls = ssl.create_default_context(cafile=ca_file)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls)) as http:
+            async with http.put(
+                f"https://{rest}/devices/api-cam?api-version=2021-04-12",
+                json={"deviceId": "api-cam"},
+                headers={"Authorization": sas},
+            ) as response:
+                assert response.status == 200
+            assert command("connection-string", "api-cam", "--state", str(state)).startswith(
+                f"HostName={host};DeviceId=api-cam;SharedAccessKey="
+            )
+            for name, connection_string in strings.items():
+                agent = AgentRunner(
+                    tmp_path / name,
+                    {
+                        "hub": {"connection_string": connection_string, "ca_file": ca_file},
+                        "cameras": [],
                     },
-                    "responseTimeoutInSeconds": 10,
-                }
-                status, answer = 0, {}
-                for _ in range(40):  # the emulator learns of the device within a second
-                    async with http.post(
-                        f"https://{rest}/twins/cam9/methods",
-                        json=body,
-                        headers={"Authorization": sas},
-                    ) as response:
-                        status, answer = response.status, await response.json()
-                    if status != 404:
+                )
+                agents.append(agent)
+                agent.wait_connected()
+            for name in strings:
+                answer: dict[str, object] = {}
+                for _ in range(100):  # the agent's method subscription follows its connection
+                    try:
+                        answer = await invoke(http, rest, sas, name)
                         break
-                    await asyncio.sleep(0.25)
-                assert status == 200
-                assert answer["payload"]["message"] == "Local port is not available"
+                    except AssertionError:
+                        await asyncio.sleep(0.1)
+                assert answer["payload"]["message"] == "Local port is not available"  # type: ignore[index]
+            # Both devices, one host name, one broker behind the front door.
+            assert len(mosquittos_under(state)) == 1
 
-                # A device reports a property; the twin keeps it, even across a devhub restart.
-                async with aiomqtt.Client(
-                    match.group(1), 8883, identifier="cam9-twin", tls_context=tls
-                ) as device_mqtt:
-                    await device_mqtt.subscribe("$iothub/twin/res/#")
-                    await device_mqtt.publish(
-                        "$iothub/twin/PATCH/properties/reported/?$rid=7",
-                        json.dumps({"firmware": "1.2"}),
-                    )
-                    async for message in device_mqtt.messages:
-                        assert str(message.topic).startswith("$iothub/twin/res/204/?$rid=7")
-                        break
-                async with http.get(
-                    f"https://{rest}/twins/cam9", headers={"Authorization": sas}
-                ) as response:
-                    twin = await response.json()
-                assert twin["properties"]["reported"]["firmware"] == "1.2"
-        finally:
-            agent.stop()
+            # A device reports a property; the twin keeps it, even across a devhub restart.
+            device_key = strings["cam9"].split("SharedAccessKey=")[1]
+            async with aiomqtt.Client(
+                host,
+                8883,
+                identifier="cam9",
+                username=f"{host}/cam9/?api-version=2021-04-12",
+                password=generate_sas(
+                    f"{host}/devices/cam9", device_key, None, int(time.time()) + 60
+                ),
+                tls_context=tls,
+            ) as device_mqtt:
+                await device_mqtt.subscribe("$iothub/twin/res/#")
+                await device_mqtt.publish(
+                    "$iothub/twin/PATCH/properties/reported/?$rid=7",
+                    json.dumps({"firmware": "1.2"}),
+                )
+                async for message in device_mqtt.messages:
+                    assert str(message.topic).startswith("$iothub/twin/res/204/?$rid=7")
+                    break
 
-        assert len(mosquittos_under(state)) == 1  # one broker per device
+        enrollment = command("add-enrollment", "gw-dps", "--state", str(state))
+        assert re.search(r"id scope:\s+0ne[0-9A-F]{8}", enrollment)
+        assert f"DPS endpoint:   {host}:8883" in enrollment
+        assert re.search(r"symmetric key:\s+\S{44}", enrollment)
     finally:
+        for agent in agents:
+            agent.stop()
         hub.signal(signal.SIGTERM)
         code = hub.wait(20)
     assert code == 0
@@ -126,7 +161,7 @@ async def test_devhub_cli_adds_devices_live_answers_methods_and_keeps_twins(tmp_
         [*DEVHUB, "--state", str(state), "--rest", rest], tmp_path / "devhub2.log"
     )
     try:
-        again.wait_for(lambda out: "devices:                   cam9" in out)
+        again.wait_for(lambda out: "add one with" in out)
         async with (
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls)) as http,
             http.get(f"https://{rest}/twins/cam9", headers={"Authorization": sas}) as response,
@@ -137,45 +172,67 @@ async def test_devhub_cli_adds_devices_live_answers_methods_and_keeps_twins(tmp_
         assert again.wait(20) == 0
 
 
-def test_devhub_reports_a_taken_rest_port(tmp_path: Path) -> None:
+@pytest.mark.parametrize("taken", ["rest", "mqtt"])
+def test_devhub_reports_a_taken_port(tmp_path: Path, taken: str) -> None:
+    host = fresh_loopback_ip()
     with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind((host, 8883 if taken == "mqtt" else 0))
         holder.listen()
         port = holder.getsockname()[1]
+        rest_port = port if taken == "rest" else free_port(host)
         result = subprocess.run(
-            [
-                *DEVHUB,
-                "--state",
-                str(tmp_path),
-                "--rest",
-                f"127.0.0.1:{port}",
-                "--address-block",
-                fresh_loopback_block(),
-            ],
+            [*DEVHUB, "--state", str(tmp_path), "--rest", f"{host}:{rest_port}"],
             capture_output=True,
             text=True,
             timeout=30,
         )
     assert result.returncode == 1
-    assert f"127.0.0.1:{port}" in result.stderr and "in use" in result.stderr
+    assert f"{host}:{port}" in result.stderr and "in use" in result.stderr
+    assert mosquittos_under(tmp_path) == []
 
 
-async def test_broker_reports_a_taken_port_and_a_missing_binary(
+async def test_a_missing_mosquitto_is_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tunnel_agent.cloud.devhub.certs import LocalCA
-
-    ca = LocalCA(tmp_path / "ca")
-    host = fresh_loopback_block().replace(".0/24", ".9")
-    pair = ca.issue("b", [host])
-    spec = BrokerSpec(host, tmp_path / "b", ca.cert_file, pair.cert_file, pair.key_file)
-    with socket.socket() as holder:
-        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        holder.bind((host, 8883))
-        holder.listen()
-        with pytest.raises(BrokerError, match=f"{host}:8883 is already in use"):
-            await MosquittoBroker(spec).start()
-
     monkeypatch.setattr(broker_module, "find_mosquitto", lambda: None)
+    host = fresh_loopback_ip()
     with pytest.raises(BrokerError, match=re.escape(INSTALL_HINT)):
-        await MosquittoBroker(spec).start()
+        await DevHub(tmp_path, f"{host}:{free_port(host)}").start()
+
+
+def test_add_device_x509_issues_a_certificate_the_hub_accepts(tmp_path: Path) -> None:
+    host = fresh_loopback_ip()
+    state = tmp_path / "state"
+    hub = ManagedProcess(
+        [*DEVHUB, "--state", str(state), "--rest", f"{host}:{free_port(host)}"],
+        tmp_path / "devhub.log",
+    )
+    try:
+        banner = hub.wait_for(lambda out: "add one with" in out)
+        ca_file = re.search(r"CA certificate:\s+(\S+)", banner).group(1)  # type: ignore[union-attr]
+        printed = command("add-device", "xcam", "--x509", "--state", str(state))
+        cert_file = re.search(r"certificate: (\S+)", printed).group(1)  # type: ignore[union-attr]
+        key_file = re.search(r"key:\s+(\S+)", printed).group(1)  # type: ignore[union-attr]
+        assert printed.splitlines()[-1] == f"HostName={host};DeviceId=xcam;x509=true"
+        agent = AgentRunner(
+            tmp_path / "agent",
+            {
+                "hub": {
+                    "hostname": host,
+                    "device_id": "xcam",
+                    "cert_file": cert_file,
+                    "key_file": key_file,
+                    "ca_file": ca_file,
+                },
+                "cameras": [],
+            },
+        )
+        try:
+            agent.wait_connected()
+            hub.wait_for(lambda out: "client=xcam" in out and "client_connected" in out)
+        finally:
+            agent.stop()
+    finally:
+        hub.signal(signal.SIGTERM)
+        assert hub.wait(20) == 0

@@ -299,13 +299,11 @@ async def test_tasks_recover_when_the_camera_restarts(tmp_path: Path, broker: Me
     assert states[states.index("backing off") :].count("running") >= 1
     assert metric(before, "tunnel_agent_mqtt_connected") == 1
     assert metric(before, "tunnel_agent_media_source_up", camera="c") == 1
-    assert (
-        metric(after, "tunnel_agent_media_source_events_total", camera="c", event="reconnects") or 0
-    ) > (
-        metric(before, "tunnel_agent_media_source_events_total", camera="c", event="reconnects")
-        or 0
+    reconnects = "tunnel_agent_media_source_reconnects_total"
+    assert (metric(after, reconnects, camera="c") or 0) > (
+        metric(before, reconnects, camera="c") or 0
     )
-    packets = metric(after, "tunnel_agent_media_source_events_total", camera="c", event="packets")
+    packets = metric(after, "tunnel_agent_media_source_packets_total", camera="c")
     assert packets is not None and packets > 30
     published = metric(after, "tunnel_agent_mqtt_messages_total", outcome="published")
     assert published is not None and published >= len(subscriber.messages) - 1

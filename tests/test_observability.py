@@ -6,11 +6,13 @@ import json
 import re
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import AgentFactory, camera_entry
 from tests.support import dtdl
@@ -96,6 +98,29 @@ async def test_metrics_and_status_follow_real_tunnels(
     assert re.search(rf"^{body['tunnelId']}\s+lobby\s+{camera.port}\s", table, re.M), table
 
 
+def assert_metrics_sum_correctly(text: str) -> None:
+    """One unit per metric, label values without spaces, build info and the process collector."""
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for family in families.values():
+        for sample in family.samples:
+            assert "event" not in sample.labels, sample
+            assert not any(" " in value for value in sample.labels.values()), sample
+    (build,) = families["tunnel_agent_build_info"].samples
+    assert build.value == 1 and build.labels["version"] == __version__
+    assert families["process_cpu_seconds"].samples[0].value > 0
+    assert families["process_resident_memory_bytes"].samples[0].value > 0
+    states = {s.labels["state"] for s in families["tunnel_agent_media_task_state"].samples}
+    assert states == {
+        "starting",
+        "waiting",
+        "running",
+        "backing_off",
+        "paused",
+        "failed",
+        "stopped",
+    }
+
+
 async def test_readyz_follows_the_hub_link(
     tmp_path: Path, ca: LocalCA, servers: ThreadLoop
 ) -> None:
@@ -155,21 +180,24 @@ async def test_media_metrics_twin_reports_and_desired_streams(
         for name in ("agent", "cameras", "openTunnels", "media"):
             assert dtdl.problems(reported[name], schemas[name]) == [], name
 
-        # The source is live: the age of its last frame is well under a second or two.
-        def frame_age_s() -> float:
+        # The source is live: its last packet is well under a few seconds old (and not ahead).
+        def packet_age_s() -> float:
             text = scrape(agent.observability_url)
-            age = metric(text, "tunnel_agent_media_last_frame_age_seconds", camera="lobby")
-            return float("inf") if age is None else age
+            last = metric(
+                text, "tunnel_agent_media_source_last_packet_timestamp_seconds", camera="lobby"
+            )
+            return float("inf") if last is None else time.time() - last
 
-        await until(lambda: 0 <= frame_age_s() < 3, 20)
+        await until(lambda: -0.5 <= packet_age_s() < 3, 20)
         text = scrape(agent.observability_url)
         labels = {"camera": "lobby", "stream": "base", "task": "snapshot-to-fs"}
         assert metric(text, "tunnel_agent_media_task_state", **labels, state="running") == 1
         assert metric(text, "tunnel_agent_media_task_state", **labels, state="failed") == 0
-        assert (
-            metric(text, "tunnel_agent_media_task_events_total", **labels, event="snapshots") or 0
-        ) >= 1
+        assert (metric(text, "tunnel_agent_media_task_snapshots_total", **labels) or 0) >= 1
+        assert (metric(text, "tunnel_agent_media_task_written_bytes_total", **labels) or 0) > 0
         assert metric(text, "tunnel_agent_media_source_up", camera="lobby") == 1
+        assert (metric(text, "tunnel_agent_media_source_packets_total", camera="lobby") or 0) > 0
+        assert_metrics_sum_correctly(text)
 
         # The cloud adds a snapshot task: it starts, the base task keeps running.
         desired = [

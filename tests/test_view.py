@@ -29,7 +29,7 @@ from tests.conftest import camera_entry
 from tests.support.agent import AgentRunner
 from tests.support.browser import Browser, available
 from tests.support.camera import RtspCamera
-from tests.support.net import free_port, fresh_loopback_block
+from tests.support.net import free_port, fresh_loopback_ip
 from tests.support.threadloop import ThreadLoop
 from tests.support.waiting import until
 from tunnel_agent.cloud.devhub.hub import DevHub
@@ -122,15 +122,16 @@ def bed(tmp_path_factory: pytest.TempPathFactory, servers: ThreadLoop) -> Iterat
     logging.getLogger().setLevel(logging.INFO)
     camera = RtspCamera(folder / "camera")
     h265_camera = RtspCamera(folder / "camera-h265", extra=["--codec", "h265"])
-    devhub = DevHub(folder / "devhub", f"127.0.0.1:{free_port()}", fresh_loopback_block())
+    hub_host = fresh_loopback_ip()
+    devhub = DevHub(folder / "devhub", f"{hub_host}:{free_port(hub_host)}")
     servers.run(devhub.start())
-    device = servers.run(devhub.add_device("view-cam"))
-    servers.run(devhub.add_device("view-offline"))
+    devhub.add_device("view-cam")
+    devhub.add_device("view-offline")
     agent = AgentRunner(
         folder / "agent",
         {
             "hub": {
-                "connection_string": device.connection_string(),
+                "connection_string": devhub.connection_string("view-cam"),
                 "ca_file": str(devhub.ca.cert_file),
             },
             "tunnel": {"ca_file": str(devhub.ca.cert_file)},
@@ -193,7 +194,7 @@ def bed(tmp_path_factory: pytest.TempPathFactory, servers: ThreadLoop) -> Iterat
 
     runner = servers.run(serve())
     agent.wait_connected()
-    servers.run(devhub.links["view-cam"].wait_device(20))
+    servers.run(devhub.wait_device("view-cam", 20))
     bed = Bed(folder, devhub, relay, agent, camera, h265_camera, servers, records, view, view_port)
     bed.routes = dict(relay.relay.routes)
     bed.sessions = sessions

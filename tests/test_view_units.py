@@ -298,3 +298,24 @@ def test_a_new_generation_restarts_the_viewer_from_its_init() -> None:
     assert queue.offer(frag(True, generation=1), 0) is Offer.SKIPPED  # a late old fragment
     queue.offer(new := frag(True, generation=2), 0)
     assert drain(queue) == ["A2", b"INIT", new.data]
+
+
+def test_a_camera_that_never_answers_fails_within_the_timeout() -> None:
+    import socket
+    import time
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(av.error.FFmpegError):
+            remux(
+                f"rtsp://127.0.0.1:{port}/silent",
+                Collect(),
+                threading.Event(),
+                1,
+                open_timeout_s=1.0,
+                read_timeout_s=1.0,
+            )
+        assert time.monotonic() - started < 5.0

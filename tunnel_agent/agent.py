@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
+import math
 import os
+import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunnel_agent import __version__
 from tunnel_agent.config.settings import AgentSettings, CameraSettings, any_remote_host_warning
@@ -21,8 +23,6 @@ from tunnel_agent.media.desired import (
     parse_desired_streams,
 )
 from tunnel_agent.media.service import MediaService
-from tunnel_agent.observability.metrics import AgentMetrics
-from tunnel_agent.observability.server import ObservabilityServer
 from tunnel_agent.observability.twin import TwinReporter
 from tunnel_agent.tunnel.connect import ConnectOptions, tls_context
 from tunnel_agent.tunnel.contract import TUNNEL_OPEN_METHOD
@@ -34,7 +34,36 @@ from tunnel_agent.tunnel.service import MethodResult, TunnelService
 from tunnel_agent.tunnel.targets import CameraTarget
 from tunnel_agent.tunnel.user_agent import PlatformInfo, build_user_agent
 
-SHUTDOWN_GRACE_S = 5.0
+if TYPE_CHECKING:
+    from tunnel_agent.observability.server import ObservabilityServer
+
+SHUTDOWN_GRACE_S = 5.0  # for answers still being sent
+CANCEL_GRACE_S = 0.5  # for cancelled work to unwind
+# Kept back from shutdown_timeout for the process itself to end (threads, the event loop).
+EXIT_RESERVE_S = 1.0
+EXIT_FORCED = 70  # EX_SOFTWARE: the stop did not complete in time
+
+
+def graceful_shutdown_s(shutdown_timeout_s: float) -> float:
+    """The part of ``shutdown_timeout`` the agent's own shutdown sequence may take."""
+    return max(shutdown_timeout_s - EXIT_RESERVE_S, shutdown_timeout_s / 2)
+
+
+def exit_after(timeout_s: float) -> None:
+    """The last guarantee of a bounded stop: whatever still runs after ``timeout_s`` (a thread
+    stuck in a library call, an executor that will not drain), the process ends then."""
+
+    def force() -> None:
+        EventLogger("tunnel_agent.agent").error(
+            "agent.shutdown_forced", reason=f"still running {timeout_s:g} s after the stop signal"
+        )
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(EXIT_FORCED)
+
+    timer = threading.Timer(timeout_s, force)
+    timer.daemon = True
+    timer.start()
 
 
 def camera_targets(cameras: list[CameraSettings]) -> list[CameraTarget]:
@@ -90,13 +119,13 @@ class Agent:
             if settings.hub
             else None
         )
-        self.metrics = AgentMetrics(self)
         observability = settings.observability
-        self.http = (
-            ObservabilityServer(self, self.metrics, observability.listen)
-            if observability.enabled
-            else None
-        )
+        self.http: ObservabilityServer | None = None
+        if observability.enabled:  # aiohttp and prometheus_client only when it is on
+            from tunnel_agent.observability.metrics import AgentMetrics
+            from tunnel_agent.observability.server import ObservabilityServer
+
+            self.http = ObservabilityServer(self, AgentMetrics(self), observability.listen)
         self.twin = (
             TwinReporter(self, self.hub, observability.twin_report_interval) if self.hub else None
         )
@@ -164,38 +193,60 @@ class Agent:
         if self.http is not None:
             await self.http.start()
         hub_stop, media_stop, twin_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
-        hub_task = asyncio.create_task(self.hub.run(hub_stop)) if self.hub else None
-        media_task = asyncio.create_task(self.media.run(media_stop))
-        twin_task = asyncio.create_task(self.twin.run(twin_stop)) if self.twin else None
+        workers: dict[str, asyncio.Task[None]] = {
+            "media": asyncio.create_task(self.media.run(media_stop))
+        }
+        if self.hub is not None:
+            workers["hub"] = asyncio.create_task(self.hub.run(hub_stop))
+        if self.twin is not None:
+            workers["twin"] = asyncio.create_task(self.twin.run(twin_stop))
         try:
             await stop.wait()
         finally:
-            twin_stop.set()
-            media_stop.set()
-            if twin_task is not None:
-                await twin_task
-            await self._shutdown(hub_stop, hub_task)
-            await media_task
-            if self.http is not None:
-                await self.http.stop()
+            await self._shutdown(hub_stop, (media_stop, twin_stop), workers)
 
-    async def _shutdown(self, hub_stop: asyncio.Event, hub_task: asyncio.Task[None] | None) -> None:
+    async def _shutdown(
+        self,
+        hub_stop: asyncio.Event,
+        other_stops: tuple[asyncio.Event, ...],
+        workers: dict[str, asyncio.Task[None]],
+    ) -> None:
+        """Stop within ``shutdown_timeout``, most important first: no new tunnels, the ones still
+        opening cancelled, the open ones closed, the answers sent; then media, twin and hub link
+        together. Whatever is not done when the time is up is cancelled, and logged."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + graceful_shutdown_s(self.settings.shutdown_timeout)
+
+        def left(most_s: float = math.inf) -> float:
+            return max(0.0, min(most_s, deadline - loop.time()))
+
         registry = self.tunnels.registry
         registry.stop_accepting()
+        for event in other_stops:
+            event.set()  # media and twin start stopping at once, in parallel with the rest
         count = len(registry.open_tunnels)
-        self.log.info("agent.stopping", open_tunnels=count)
-        await registry.close_all("agent shutdown", self.settings.tunnel.close_timeout + 1.0)
+        self.log.info(
+            "agent.stopping",
+            open_tunnels=count,
+            opening_tunnels=registry.opening,
+            shutdown_timeout_s=self.settings.shutdown_timeout,
+        )
+        await registry.close_all("agent shutdown", left(self.settings.tunnel.close_timeout + 1.0))
         if self.hub is not None:
-            await self.hub.finish_answers(SHUTDOWN_GRACE_S)
+            await self.hub.finish_answers(left(SHUTDOWN_GRACE_S))
         hub_stop.set()
-        if hub_task is not None:
-            try:
-                async with asyncio.timeout(
-                    self.settings.hub.operation_timeout if self.settings.hub else 5
-                ):
-                    await hub_task
-            except TimeoutError:
-                hub_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await hub_task
+        pending = set(workers.values())
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=left())
+        if self.http is not None:
+            await self.http.stop()
+        if pending:
+            self.log.warning(
+                "agent.shutdown_timeout",
+                unfinished=",".join(name for name, task in workers.items() if task in pending),
+                shutdown_timeout_s=self.settings.shutdown_timeout,
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=CANCEL_GRACE_S)
         self.log.info("agent.stopped", closed_tunnels=count)

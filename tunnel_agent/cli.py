@@ -51,16 +51,35 @@ def build_parser() -> argparse.ArgumentParser:
     devhub.add_argument(
         "--state", type=Path, help="state folder (default: ~/.local/state/tunnel-agent/devhub)"
     )
-    devhub.add_argument("--rest", default="127.0.0.1:8444", help="REST API address")
     devhub.add_argument(
-        "--address-block", help="loopback network for device brokers (default 127.77.0.0/24)"
+        "--rest", default="127.0.0.1:8444", help="REST API address; its host is the hub's name"
     )
+    devhub.add_argument(
+        "--mqtt-port", type=int, default=8883, help="device MQTT (TLS) port on that host"
+    )
+    devhub.add_argument(
+        "--websocket-port", type=int, help="also serve MQTT over WebSockets (the SDKs use 443)"
+    )
+    devhub.add_argument("--dps", metavar="HOST[:PORT]", help="also serve DPS (port 8883)")
     devhub_commands = devhub.add_subparsers(dest="devhub_command")
     add = devhub_commands.add_parser(
         "add-device", help="register a device, print its connection string"
     )
     add.add_argument("name")
-    add.add_argument("--state", type=Path, dest="add_state", help="state folder, as for devhub")
+    add.add_argument("--x509", action="store_true", help="a certificate from the devhub CA")
+    show = devhub_commands.add_parser(
+        "connection-string", help="print a registered device's connection string"
+    )
+    show.add_argument("name")
+    enroll = devhub_commands.add_parser("add-enrollment", help="add a DPS enrollment")
+    enroll.add_argument("name", help="registration id, or the group's name with --group")
+    enroll.add_argument("--group", action="store_true", help="a group enrollment")
+    enroll.add_argument("--device-id", help="device id on the hub (default: registration id)")
+    enroll.add_argument("--key", help="symmetric key, base64 (default: a new one)")
+    enroll.add_argument("--x509", action="store_true", help="a certificate from the devhub CA")
+    enroll.add_argument("--cert", type=Path, help="attest with this certificate (PEM)")
+    for sub in (add, show, enroll):
+        sub.add_argument("--state", type=Path, dest="sub_state", help="state folder, as for devhub")
 
     snapshot = commands.add_parser("snapshot", help="take one image from a configured camera")
     _add_config(snapshot)
@@ -89,19 +108,68 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "relay":
         return _relay(args.config)
     if args.command == "devhub":
-        from tunnel_agent.cloud.devhub.cli import add_device, default_state_dir, run_devhub
-
-        state = getattr(args, "add_state", None) or args.state or default_state_dir()
-        if args.devhub_command == "add-device":
-            return add_device(state, args.name, args.address_block, sys.stdout)
-        return run_devhub(state, args.rest, args.address_block, sys.stdout)
+        return _devhub(args)
     if args.command == "snapshot":
         return _snapshot(args.config, args.camera, args.output)
     if args.command == "demo":
-        from tunnel_agent.demo import run_demo
+        try:
+            from tunnel_agent.demo import run_demo
+        except ModuleNotFoundError as exc:
+            return _development_tool_missing("demo", exc)
 
         return run_demo(seconds=args.seconds, keep_running=args.keep_running, output=args.output)
     return 2
+
+
+def _devhub(args: argparse.Namespace) -> int:
+    try:
+        from tunnel_agent.cloud.devhub import cli as devhub
+    except ModuleNotFoundError as exc:
+        return _development_tool_missing("devhub", exc)
+
+    state = getattr(args, "sub_state", None) or args.state or devhub.default_state_dir()
+    if args.devhub_command == "add-device":
+        return devhub.add_device(state, args.name, args.x509, sys.stdout)
+    if args.devhub_command == "connection-string":
+        return devhub.connection_string(state, args.name, sys.stdout)
+    if args.devhub_command == "add-enrollment":
+        return devhub.add_enrollment(
+            state,
+            args.name,
+            group=args.group,
+            device_id=args.device_id,
+            key=args.key,
+            x509=args.x509,
+            cert_file=args.cert,
+            out=sys.stdout,
+        )
+    options = devhub.HubOptions(args.rest, args.mqtt_port, args.websocket_port, args.dps)
+    return devhub.run_devhub(state, options, sys.stdout)
+
+
+DEVELOPMENT_MODULES = ("tunnel_agent.cloud.devhub", "tunnel_agent.demo", "tunnel_agent.sim")
+
+
+def _development_tool_missing(command: str, exc: ModuleNotFoundError) -> int:
+    """The devhub and the demo run from a source checkout with the [devhub] extra: the wheel and
+    the image carry only the agent and the relay (pyproject.toml, wheel-exclude)."""
+    missing = exc.name or ""
+    if missing.startswith(DEVELOPMENT_MODULES):
+        reason = (
+            "the IoT Hub emulator and the demo are not part of this installation (the wheel and "
+            "the image carry the agent and the relay only); run them from a source checkout of "
+            "tunnel-agent: bash scripts/demo.sh, or bash scripts/setup-venv.sh demo and then "
+            f".venv/bin/python -m tunnel_agent {command}"
+        )
+    elif missing.split(".")[0] == "tunnel_agent":
+        raise exc
+    else:
+        reason = (
+            f"needs the [devhub] extra ({missing} is missing): bash scripts/setup-venv.sh demo "
+            "(or: bash scripts/uv.sh sync --extra devhub)"
+        )
+    print(f"tunnel-agent {command}: {reason}", file=sys.stderr)
+    return 1
 
 
 def _load(path: Path | None) -> AgentSettings | None:
@@ -186,13 +254,19 @@ def _run(config: Path | None, log_format: str | None = None) -> int:
     if log_format in ("text", "json"):
         chosen = "json" if log_format == "json" else "text"
     configure_logging(settings.log.level, chosen)
-    from tunnel_agent.agent import Agent
+    from tunnel_agent.agent import Agent, exit_after
 
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if not stop.is_set():
+                stop.set()
+                exit_after(settings.shutdown_timeout)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         await Agent(settings).run(stop)
         _exit_at_once(0)
 

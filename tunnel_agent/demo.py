@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import random
 import re
 import signal
@@ -26,8 +25,8 @@ from typing import TextIO
 import av
 import av.video.frame
 
-from tunnel_agent.cloud.devhub.broker import INSTALL_HINT, MQTTS_PORT, BrokerError, find_mosquitto
-from tunnel_agent.cloud.devhub.hub import DevHub
+from tunnel_agent.cloud.devhub.broker import INSTALL_HINT, BrokerError, find_mosquitto
+from tunnel_agent.cloud.devhub.hub import MQTT_PORT, DevHub
 from tunnel_agent.cloud.relay.runner import RunningRelay, start_relay
 from tunnel_agent.cloud.relay.settings import RelaySettings
 from tunnel_agent.media.encode import encode_image
@@ -74,18 +73,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def free_address_block() -> str:
-    """A /24 on loopback whose first device address has 8883 free (another devhub may run)."""
+def free_hub_host() -> str:
+    """A loopback address with 8883 free (another devhub may run on 127.0.0.1)."""
     for _ in range(50):
-        block = f"127.{random.randint(100, 199)}.{random.randint(0, 255)}.0/24"  # noqa: S311
-        first = str(next(ipaddress.ip_network(block).hosts()) + 1)
+        host = f"127.{random.randint(100, 199)}.{random.randint(0, 255)}.{random.randint(2, 254)}"  # noqa: S311
         with socket.socket() as sock:
             try:
-                sock.bind((first, MQTTS_PORT))
+                sock.bind((host, MQTT_PORT))
             except OSError:
                 continue
-        return block
-    raise DemoError("no free loopback address block for the emulator's brokers")
+        return host
+    raise DemoError("no free loopback address for the emulator's MQTT endpoint")
 
 
 @dataclass
@@ -145,14 +143,13 @@ class Demo:
 
     async def start(self) -> None:
         self.say(f"tunnel-agent demo: everything on loopback, files in {self.folder}")
-        self.devhub = DevHub(
-            self.folder / "devhub", f"127.0.0.1:{free_port()}", free_address_block()
-        )
+        host = free_hub_host()
+        self.devhub = DevHub(self.folder / "devhub", f"{host}:{free_port(host)}")
         await self.devhub.start()
-        device = await self.devhub.add_device(DEVICE_ID)
+        self.devhub.add_device(DEVICE_ID)
         self.say(
             f"  IoT Hub emulator  REST {self.devhub.rest_url}, "
-            f"device broker mqtts://{device.address}:8883"
+            f"devices mqtts://{self.devhub.addresses.mqtt}"
         )
 
         self.camera = await asyncio.to_thread(self._start_camera)
@@ -161,10 +158,9 @@ class Demo:
         )
 
         ca = str(self.devhub.ca.cert_file)
-        self.agent = self._start_agent(device.connection_string(), ca)
-        link = self.devhub.links[DEVICE_ID]
+        self.agent = self._start_agent(self.devhub.connection_string(DEVICE_ID), ca)
         try:
-            await link.wait_device(START_TIMEOUT_S)
+            await self.devhub.wait_device(DEVICE_ID, START_TIMEOUT_S)
         except TimeoutError:
             raise DemoError(
                 f"the agent did not connect to the emulator; see {self.folder / 'agent.log'}"

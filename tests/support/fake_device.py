@@ -9,13 +9,18 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 
-from tunnel_agent.cloud.devhub.mqtt_session import topic_query
+from tunnel_agent.cloud.devhub.topics import topic_query
+from tunnel_agent.cloud.sas import generate_sas
+from tunnel_agent.hub.connection_string import DEVICE_REQUIRED, parse_connection_string
+
+SAS_LIFETIME_S = 3600
 
 
 @dataclass
@@ -26,8 +31,10 @@ class MethodCall:
 
 
 class FakeDevice:
-    def __init__(self, host: str, device_id: str, ca_file: Path) -> None:
-        self.host, self.device_id, self.ca_file = host, device_id, ca_file
+    def __init__(self, connection_string: str, ca_file: Path) -> None:
+        fields = parse_connection_string(connection_string, DEVICE_REQUIRED)
+        self.host, self.device_id = fields["HostName"], fields["DeviceId"]
+        self.key, self.ca_file = fields["SharedAccessKey"], ca_file
         self.calls: asyncio.Queue[MethodCall] = asyncio.Queue()
         self.seen: list[MethodCall] = []
         self._client: aiomqtt.Client | None = None
@@ -40,8 +47,14 @@ class FakeDevice:
 
     async def _run(self) -> None:
         tls = ssl.create_default_context(cafile=str(self.ca_file))
+        resource = f"{self.host}/devices/{self.device_id}"
         async with aiomqtt.Client(
-            self.host, 8883, identifier=self.device_id, tls_context=tls
+            self.host,
+            8883,
+            identifier=self.device_id,
+            username=f"{self.host}/{self.device_id}/?api-version=2021-04-12",
+            password=generate_sas(resource, self.key, None, int(time.time()) + SAS_LIFETIME_S),
+            tls_context=tls,
         ) as client:
             self._client = client
             await client.subscribe("$iothub/methods/POST/#", qos=1)

@@ -8,7 +8,7 @@ from tests.support.ws_endpoint import Session, TunnelEndpoint
 from tunnel_agent.agent import build_tunnel_service
 from tunnel_agent.cloud.devhub.certs import LocalCA
 from tunnel_agent.config.settings import AgentSettings
-from tunnel_agent.tunnel.pump import Tunnel
+from tunnel_agent.tunnel.camera_tunnel import Tunnel
 from tunnel_agent.tunnel.service import TunnelService
 
 

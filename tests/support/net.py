@@ -35,11 +35,3 @@ def wait_port(host: str, port: int, timeout_s: float = 10.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
-
-
-_blocks = itertools.count(200)
-
-
-def fresh_loopback_block() -> str:
-    """A loopback /24 not used before in this session (for an emulator's device brokers)."""
-    return f"127.{_BASE}.{next(_blocks)}.0/24"

@@ -10,7 +10,7 @@ import base64
 import hashlib
 import hmac
 from dataclasses import dataclass
-from urllib.parse import parse_qs, quote
+from urllib.parse import quote, unquote, unquote_plus
 
 PREFIX = "SharedAccessSignature "
 
@@ -25,11 +25,15 @@ class SasToken:
     expiry: int
     policy: str | None
     signature: str
+    signed_resource: str  # ``sr`` exactly as sent: what the signature covers
+
+
+def _hmac(message: str, key: bytes) -> str:
+    return base64.b64encode(hmac.new(key, message.encode(), hashlib.sha256).digest()).decode()
 
 
 def _sign(resource: str, expiry: int, key: bytes) -> str:
-    message = f"{quote(resource.lower(), safe='')}\n{expiry}".encode()
-    return base64.b64encode(hmac.new(key, message, hashlib.sha256).digest()).decode()
+    return _hmac(f"{quote(resource.lower(), safe='')}\n{expiry}", key)
 
 
 def generate_sas(resource: str, key_b64: str, policy: str | None, expiry: int) -> str:
@@ -45,23 +49,44 @@ def generate_sas(resource: str, key_b64: str, policy: str | None, expiry: int) -
 def parse_sas(header: str) -> SasToken:
     if not header.startswith(PREFIX):
         raise InvalidSignature("not a SharedAccessSignature")
-    fields = {k: v[-1] for k, v in parse_qs(header[len(PREFIX) :], keep_blank_values=True).items()}
+    raw: dict[str, str] = {}
+    for part in header[len(PREFIX) :].split("&"):
+        name, _, value = part.partition("=")
+        raw[name] = value
     try:
-        return SasToken(fields["sr"], int(fields["se"]), fields.get("skn"), fields["sig"])
+        return SasToken(
+            unquote_plus(raw["sr"]),
+            int(raw["se"]),
+            unquote_plus(raw["skn"]) if "skn" in raw else None,
+            unquote(raw["sig"]),
+            raw["sr"],
+        )
     except (KeyError, ValueError):
         raise InvalidSignature("sr, sig and se are required") from None
 
 
-def verify_sas(header: str, resource: str, keys: dict[str, bytes], now: float) -> str:
-    """Check a SAS for ``resource`` against named keys; return the policy name or raise."""
+def verify_sas(header: str, resource: str | set[str], keys: dict[str, bytes], now: float) -> str:
+    """Check a SAS for ``resource`` (or any of a set) against named keys; the policy name."""
     token = parse_sas(header)
     if token.policy is None or token.policy not in keys:
         raise InvalidSignature("unknown key name")
-    if token.resource.lower() != resource.lower():
+    resources = {resource} if isinstance(resource, str) else resource
+    check_sas(token, resources, [keys[token.policy]], now)
+    return token.policy
+
+
+def check_sas(token: SasToken, resources: set[str], keys: list[bytes], now: float) -> None:
+    """Resource (one of ``resources``, any case), expiry, then the signature with any key.
+
+    The signature covers ``sr`` as the client encoded it: IoT Hub's SDKs URL-encode the resource
+    without changing its case, so re-encoding it here could not reproduce theirs.
+    """
+    if token.resource.lower() not in {r.lower() for r in resources}:
         raise InvalidSignature("signature is for another resource")
     if token.expiry < now:
         raise InvalidSignature("signature expired")
-    expected = _sign(resource, token.expiry, keys[token.policy])
-    if not hmac.compare_digest(expected.encode(), token.signature.encode()):
-        raise InvalidSignature("signature does not match")
-    return token.policy
+    message = f"{token.signed_resource}\n{token.expiry}"
+    for key in keys:
+        if hmac.compare_digest(_hmac(message, key).encode(), token.signature.encode()):
+            return
+    raise InvalidSignature("signature does not match")

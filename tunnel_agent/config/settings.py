@@ -227,6 +227,8 @@ class AgentSettings(FileAndEnvironmentSettings):
     media: MediaSettings = MediaSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     log: LogSettings = LogSettings()
+    # Seconds from SIGTERM to exit, whatever hangs (keep the service manager's stop timeout above).
+    shutdown_timeout: Annotated[float, Field(ge=2, le=600)] = 20.0
 
     def secrets(self) -> Iterator[str]:
         """Every secret this configuration holds, for the log scrubber."""

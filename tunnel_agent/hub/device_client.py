@@ -7,8 +7,10 @@ The PnP model ID goes in ``product_info`` (the SDK sends a ``dtmi:`` product_inf
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from azure.iot.device import X509, ProxyOptions
@@ -51,8 +53,19 @@ def _common_options(settings: HubSettings, proxy: ProxyAddress | None) -> dict[s
         "proxy_options": sdk_proxy_options(proxy),
     }
     if settings.ca_file is not None:
-        options["server_verification_cert"] = settings.ca_file.read_text()
+        options["server_verification_cert"] = trust_bundle(settings.ca_file)
     return options
+
+
+def trust_bundle(extra_ca_file: Path) -> str:
+    """The system's trusted CAs plus ``extra_ca_file``, as PEM text.
+
+    The SDK verifies the hub against ``server_verification_cert`` *instead of* the system store;
+    ``hub.ca_file`` is extra trust (as ``tunnel.ca_file`` is), so the system's CAs go in too.
+    """
+    system = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    pems = [ssl.DER_cert_to_PEM_cert(der) for der in system.get_ca_certs(binary_form=True)]
+    return "".join(pems) + extra_ca_file.read_text()
 
 
 def _client_options(settings: HubSettings, proxy: ProxyAddress | None) -> dict[str, Any]:

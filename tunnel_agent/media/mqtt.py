@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import Counter, deque
-from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
@@ -20,25 +19,8 @@ from paho.mqtt.properties import Properties
 
 from tunnel_agent.logs import SECRETS, EventLogger
 from tunnel_agent.media.backoff import Backoff
+from tunnel_agent.media.messages import OutgoingMessage
 from tunnel_agent.media.settings import MqttSettings
-
-# Fixed header + topic length field + properties headroom: added to the topic and payload sizes.
-PACKET_OVERHEAD_BYTES = 512
-
-
-@dataclass(frozen=True)
-class OutgoingMessage:
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    expiry_s: int | None
-    content_type: str
-    user_properties: tuple[tuple[str, str], ...]
-
-    def size_bytes(self) -> int:
-        extra = sum(len(k) + len(v) + 4 for k, v in self.user_properties) + len(self.content_type)
-        return len(self.payload) + len(self.topic.encode()) + extra + PACKET_OVERHEAD_BYTES
 
 
 class _Client(aiomqtt.Client):

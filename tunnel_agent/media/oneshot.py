@@ -14,7 +14,7 @@ from tunnel_agent.media.encode import IMAGE_ENCODERS, IMAGE_FORMAT_ALIASES, Imag
 from tunnel_agent.media.files import write_atomically
 from tunnel_agent.media.http_source import HttpImageFetcher
 from tunnel_agent.media.settings import MediaSettings
-from tunnel_agent.media.urls import SourceAddress, SourceKind, parse_source
+from tunnel_agent.media.urls import SourceAddress, SourceKind, parse_source, rtsp_input_options
 
 
 class SnapshotFailed(Exception):
@@ -58,9 +58,11 @@ async def _http_frame(address: SourceAddress, timeout_s: float) -> av.video.fram
 def _first_frame(
     address: SourceAddress, camera: CameraSettings, media: MediaSettings
 ) -> av.video.frame.VideoFrame:
-    options = {"rtsp_transport": "tcp"} if address.kind is SourceKind.RTSP else {}
-    if address.kind is SourceKind.RTSP and camera.ca_file is not None:
-        options.update(tls_verify="1", ca_file=str(camera.ca_file))
+    options = (
+        rtsp_input_options(address.open_url, camera.ca_file, media.watchdog)
+        if address.kind is SourceKind.RTSP
+        else {}
+    )
     container_format = "v4l2" if address.kind is SourceKind.V4L2 else None
     with av.open(
         address.open_url,

@@ -53,6 +53,13 @@ class SnapshotPacer:
     rate_per_s: float
     _next_due: float | None = None
 
+    def is_due(self, now: float, *, early: bool = True) -> bool:
+        """Whether :meth:`due` would take a frame at ``now`` (without taking it); with
+        ``early=False`` only once the due moment itself has come."""
+        if self.rate_per_s <= 0 or self._next_due is None:
+            return True
+        return now >= self._next_due - (EARLY_FRACTION / self.rate_per_s if early else 0.0)
+
     def due(self, now: float) -> bool:
         if self.rate_per_s <= 0:
             return True
@@ -95,3 +102,28 @@ def keyframes_suffice(
         return False
     margin = KEYFRAMES_OFF_MARGIN if currently else KEYFRAMES_ON_MARGIN
     return max(rates_per_s) <= keyframe_rate * margin
+
+
+def backfill_dts(count: int, known_dts: int, last_dts: int | None, step: int) -> list[int | None]:
+    """DTS for ``count`` packets that arrived without one, just before a packet with ``known_dts``.
+
+    Demuxers leave the DTS out where they cannot know it yet: the first packets of a Matroska file
+    with B-frames (the reordering delay is learned a few packets later). Those packets are the
+    keyframe a loop starts with, so they are given DTS ``step`` apart below ``known_dts`` (each
+    strictly above ``last_dts``, the DTS before them); a packet that cannot fit gets None.
+    """
+    step = max(step, 1)
+    wanted = [known_dts - step * (count - i) for i in range(count)]
+    if last_dts is None or not wanted or wanted[0] > last_dts:
+        return list(wanted)
+    spacing = (known_dts - last_dts) // (count + 1)
+    if spacing >= 1:
+        return [last_dts + spacing * (i + 1) for i in range(count)]
+    room = min(max(known_dts - last_dts - 1, 0), count)  # fit one tick apart, the latest kept
+    return [None] * (count - room) + [known_dts - room + i for i in range(room)]
+
+
+def forward_dts(count: int, last_dts: int | None, first_pts: int | None, step: int) -> list[int]:
+    """DTS for packets of a stream that gives none for a while: on from the last, ``step`` apart."""
+    start = (last_dts + max(step, 1)) if last_dts is not None else (first_pts or 0)
+    return [start + max(step, 1) * i for i in range(count)]

@@ -1,8 +1,9 @@
 """The media connector assembled from configuration: sources, tasks, the MQTT publisher.
 
-Runs next to the tunnels in ``tunnel-agent run``. Cameras without streams cost nothing; a task
-that fails never touches the others or the tunnels; states and counters go to the log when they
-change and every ``status_interval`` seconds.
+Runs next to the tunnels in ``tunnel-agent run``. Cameras without streams cost nothing, not even
+an import: PyAV, aiohttp and aiomqtt are loaded when the first stream (or ``[mqtt]``) needs them,
+so a tunnels-only agent stays small. A task that fails never touches the others or the tunnels;
+states and counters go to the log when they change and every ``status_interval`` seconds.
 """
 
 from __future__ import annotations
@@ -11,21 +12,22 @@ import asyncio
 import contextlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from tunnel_agent.aio import in_daemon_thread
 from tunnel_agent.config.settings import AgentSettings, CameraSettings
 from tunnel_agent.logs import SECRETS, EventLogger
 from tunnel_agent.media.backoff import Backoff
 from tunnel_agent.media.files import PathRefused, stream_folder
-from tunnel_agent.media.http_source import HttpSnapshotSource
-from tunnel_agent.media.mqtt import MqttPublisher, OutgoingMessage
 from tunnel_agent.media.settings import MediaSettings, StreamSettings
-from tunnel_agent.media.source import CameraSource
-from tunnel_agent.media.tasks.base import FrameTask, MediaTask, PacketTask
-from tunnel_agent.media.tasks.clip import ClipToFs
-from tunnel_agent.media.tasks.restream import StreamToRtsp
-from tunnel_agent.media.tasks.snapshot import SnapshotToFs, SnapshotToMqtt
 from tunnel_agent.media.urls import InvalidSource, SourceKind, parse_source
+
+if TYPE_CHECKING:
+    from tunnel_agent.media.http_source import HttpSnapshotSource
+    from tunnel_agent.media.messages import OutgoingMessage
+    from tunnel_agent.media.mqtt import MqttPublisher
+    from tunnel_agent.media.source import CameraSource
+    from tunnel_agent.media.tasks.base import MediaTask
 
 WATCHDOG_EVERY_S = 1.0
 
@@ -50,6 +52,9 @@ class CameraMedia:
     """One camera: its source and its started tasks."""
 
     def __init__(self, camera: CameraSettings, media: MediaSettings, publish: Any) -> None:
+        from tunnel_agent.media.source import CameraSource
+        from tunnel_agent.media.tasks.base import FrameTask, PacketTask
+
         self.camera = camera
         self.log = EventLogger("tunnel_agent.media").bind(camera=camera.name)
         assert camera.url is not None
@@ -75,6 +80,8 @@ class CameraMedia:
         if not self.tasks:
             return
         if self.address.kind is SourceKind.HTTP_SNAPSHOT:
+            from tunnel_agent.media.http_source import HttpSnapshotSource  # aiohttp's client
+
             self.source = HttpSnapshotSource(camera.name, self.address, media, frame_tasks)
         else:
             self.source = CameraSource(
@@ -82,6 +89,10 @@ class CameraMedia:
             )
 
     def _task(self, stream: StreamSettings, media: MediaSettings, publish: Any) -> MediaTask[Any]:
+        from tunnel_agent.media.tasks.clip import ClipToFs
+        from tunnel_agent.media.tasks.restream import StreamToRtsp
+        from tunnel_agent.media.tasks.snapshot import SnapshotToFs, SnapshotToMqtt
+
         kind = stream.task
         if self.address.kind is SourceKind.HTTP_SNAPSHOT and kind not in (
             "snapshot-to-mqtt",
@@ -105,12 +116,16 @@ class CameraMedia:
             self.source.start()
 
     async def stop(self) -> None:
+        from tunnel_agent.media.source import CameraSource
+
         source = self.source
-        if isinstance(source, HttpSnapshotSource):
-            await source.stop_async()
+        if isinstance(source, CameraSource):
+            await in_daemon_thread(source.stop, f"stop-source-{self.camera.name}")
         elif source is not None:
-            await asyncio.to_thread(source.stop)
-        await asyncio.gather(*(asyncio.to_thread(t.stop) for t in self.tasks))
+            await source.stop_async()
+        await asyncio.gather(
+            *(in_daemon_thread(t.stop, f"stop-{self.camera.name}-{t.name}") for t in self.tasks)
+        )
 
     def status(self) -> dict[str, Any]:
         return {
@@ -123,9 +138,11 @@ class MediaService:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
         self.log = EventLogger("tunnel_agent.media")
-        self.publisher = (
-            MqttPublisher(settings.mqtt, _backoff(settings.media)) if settings.mqtt else None
-        )
+        self.publisher: MqttPublisher | None = None
+        if settings.mqtt is not None:
+            from tunnel_agent.media.mqtt import MqttPublisher
+
+            self.publisher = MqttPublisher(settings.mqtt, _backoff(settings.media))
         self.cameras: list[CameraMedia] = []
         self.camera_settings = {camera.name: camera for camera in settings.cameras}
         for camera in settings.cameras:

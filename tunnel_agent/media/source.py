@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import av
 import av.container
 import av.stream
 import av.video.frame
+import av.video.stream
 
 from tunnel_agent.logs import EventLogger, redact_text
 from tunnel_agent.media.backoff import Backoff
@@ -31,14 +33,18 @@ from tunnel_agent.media.pacing import (
     KeyframeRate,
     SnapshotPacer,
     TimestampValidator,
+    backfill_dts,
+    forward_dts,
     keyframes_suffice,
 )
 from tunnel_agent.media.packets import CapturedFrame, MediaPacket, StreamTemplate
 from tunnel_agent.media.settings import MediaSettings
 from tunnel_agent.media.tasks.base import FrameTask, PacketTask
-from tunnel_agent.media.urls import SourceAddress, SourceKind
+from tunnel_agent.media.urls import SourceAddress, SourceKind, rtsp_input_options
 
 RESET_AFTER_S = 1.0  # a DTS this far back is the source restarting its clock, not reordering
+MAX_WAITING_PACKETS = 16  # packets held while the demuxer gives no DTS
+MAX_UNDECODED_PACKETS = 600  # compressed packets kept for a snapshot not yet due (bounded)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mkv", ".mp4", ".mov", ".avi", ".ts", ".mts", ".flv", ".webm", ".mpg", ".mpeg"}
 
@@ -52,6 +58,48 @@ class SourceState(enum.Enum):
 
 class SourceStalled(Exception):
     """The watchdog saw no packet for too long."""
+
+
+class _Timeline:
+    """One pass over a container: DTS given to packets that lack one, shifted, validated."""
+
+    def __init__(self, continue_at: int | None) -> None:
+        self.continue_at = continue_at
+        self.offset: int | None = None if continue_at is not None else 0
+        self.validator = TimestampValidator()
+        self.end: int | None = None  # where a following pass should start
+        self._waiting: list[av.Packet[Any]] = []
+        self._last_dts: int | None = None  # raw, as the demuxer counts
+
+    def place(self, packet: av.Packet[Any]) -> tuple[list[tuple[av.Packet[Any], int]], int]:
+        """Packets ready to go on, in order, each with its DTS; and how many were dropped.
+
+        A packet without a DTS waits for the next one that has it and is then given one just
+        below (B-frame files); a stream that gives none for a while is counted on in steps.
+        """
+        waiting = self._waiting
+        step = int((waiting[0] if waiting else packet).duration or 0)
+        if packet.dts is None:
+            waiting.append(packet)
+            if len(waiting) < MAX_WAITING_PACKETS:
+                return [], 0
+            values: list[int | None] = list(
+                forward_dts(len(waiting), self._last_dts, waiting[0].pts, step)
+            )
+        else:
+            values = [*backfill_dts(len(waiting), packet.dts, self._last_dts, step), packet.dts]
+            waiting.append(packet)
+        ready = [(p, dts) for p, dts in zip(waiting, values, strict=True) if dts is not None]
+        self._waiting = []
+        if ready:
+            self._last_dts = ready[-1][1]
+        return ready, len(values) - len(ready)
+
+    def shifted(self, raw_dts: int) -> int:
+        if self.offset is None:
+            assert self.continue_at is not None
+            self.offset = self.continue_at - raw_dts
+        return raw_dts + self.offset
 
 
 class SourceBase:
@@ -126,6 +174,7 @@ class CameraSource(SourceBase):
         self._stop = threading.Event()
         self._restart = threading.Event()
         self._generation = 0
+        self._undecoded: list[av.Packet[Any]] = []  # since the last keyframe, for snapshots
         self._thread = threading.Thread(target=self._run, name=f"source-{camera}", daemon=True)
 
     # -- control (any thread) -----------------------------------------------------------------
@@ -192,14 +241,7 @@ class CameraSource(SourceBase):
         container_format: str | None = None
         kind = self.address.kind
         if kind is SourceKind.RTSP:
-            options = {
-                "rtsp_transport": "tcp",
-                "timeout": str(int(self.settings.watchdog * 1_000_000)),
-            }
-            if url.startswith("rtsps://"):
-                options["tls_verify"] = "1"
-                if self.ca_file is not None:
-                    options["ca_file"] = str(self.ca_file)
+            options = rtsp_input_options(url, self.ca_file, self.settings.watchdog)
         elif kind is SourceKind.V4L2:
             container_format = "v4l2"
         self._restart.clear()
@@ -212,83 +254,124 @@ class CameraSource(SourceBase):
         )
         return container
 
-    def _new_generation(self, stream: av.stream.Stream) -> int:
+    def _new_generation(self, stream: av.stream.Stream) -> None:
         self._generation += 1
+        self._undecoded.clear()
         template = StreamTemplate(stream, self._generation)
         for task in self.packet_tasks:
             task.on_stream(template)
-        return self._generation
 
     def _demux(
         self,
         container: av.container.InputContainer,
         *,
         live: bool,
-        offset: int = 0,
+        continue_at: int | None = None,
         pace: bool = False,
-    ) -> int:
-        """Move packets until the source ends; return where a following loop's DTS should start."""
+    ) -> int | None:
+        """Move packets until the source ends; return where a following loop's DTS should start.
+
+        ``continue_at`` (file loops) shifts this pass so that its first DTS lands there: a file
+        whose timestamps start below zero (B-frames) still follows on from the last loop.
+        """
         if not container.streams.video:
             raise ValueError("the source has no video stream")
         stream = container.streams.video[0]
         if self.frame_tasks:
-            stream.thread_type = "AUTO"
-        generation = self._generation if offset else self._new_generation(stream)
-        validator = TimestampValidator()
+            # Slices in parallel, never whole frames: frame threads hold a decoded picture each
+            # (tens of MiB at 1080p) and add a frame of delay per thread, for no less CPU.
+            stream.thread_type = "SLICE"
+        if continue_at is None:
+            self._new_generation(stream)
+        timeline = _Timeline(continue_at)
         paced_from: tuple[float, float] | None = None
-        last_dts = offset
         for packet in container.demux(stream):
             if self._stop.is_set():
                 break
             if self._restart.is_set():
                 raise SourceStalled
-            if packet.dts is None:
-                continue
-            now = time.monotonic()
-            dts = packet.dts + offset
-            if not validator.is_valid(dts):
-                if not validator.jumped_back(dts, int(RESET_AFTER_S / packet.time_base)):
-                    self.counters["packets_dropped_bad_timestamps"] += 1
+            if packet.size == 0:
+                continue  # the demuxer's end-of-stream marker
+            ready, dropped = timeline.place(packet)
+            self.counters["packets_dropped_bad_timestamps"] += dropped
+            for item, raw_dts in ready:
+                dts = timeline.shifted(raw_dts)
+                if not self._usable(stream, timeline.validator, dts, item.time_base):
                     continue
-                # The server restarted its clock (a shared RTSP stream does when a client joins):
-                # a new timeline for the tasks, not minutes of dropped packets.
-                self.counters["timestamp_resets"] += 1
-                self.log.warning(
-                    "media.timestamps_reset",
-                    back_s=round(validator.back_s(dts, packet.time_base), 1),
-                )
-                validator.restart(dts)
-                generation = self._new_generation(stream)
-            if self.state is not SourceState.RUNNING:
-                self._set_state(SourceState.RUNNING, codec=stream.codec_context.name, live=live)
-            self.last_packet_at = now  # only packets the tasks can use count for the watchdog
-            last_dts = dts + max(int(packet.duration or 0), 1)
-            if pace:
-                seconds = float(dts * packet.time_base)
-                paced_from = paced_from or (now, seconds)
-                wait = paced_from[0] + (seconds - paced_from[1]) - now
-                if wait > 0 and self._stop.wait(wait):
-                    break
-            self.counters["packets"] += 1
-            if packet.is_keyframe:
-                self._keyframe_rate.keyframe(now)
-            if self.packet_tasks:
-                media = MediaPacket(
-                    data=bytes(packet),
-                    pts=packet.pts + offset if packet.pts is not None else None,
-                    dts=dts,
-                    time_base=packet.time_base,
-                    is_keyframe=packet.is_keyframe,
-                    generation=generation,
-                    captured_at=time.time(),
-                )
-                for task in self.packet_tasks:
-                    task.on_packet(media)
-            if self.frame_tasks:
-                self._decode(stream, packet)
-        return last_dts
+                now = time.monotonic()
+                self.last_packet_at = now  # only packets the tasks can use count for the watchdog
+                timeline.end = dts + max(int(item.duration or 0), 1)
+                if pace:
+                    seconds = float(dts * item.time_base)
+                    paced_from = paced_from or (now, seconds)
+                    wait = paced_from[0] + (seconds - paced_from[1]) - now
+                    if wait > 0 and self._stop.wait(wait):
+                        return timeline.end
+                self._forward(stream, item, dts, timeline.offset or 0, live)
+        return timeline.end
 
-    def _decode(self, stream: av.stream.Stream, packet: av.Packet[Any]) -> None:
+    def _usable(
+        self,
+        stream: av.stream.Stream,
+        validator: TimestampValidator,
+        dts: int,
+        time_base: Fraction | None,
+    ) -> bool:
+        """Whether a packet's DTS may go on; a clock that restarted starts a new timeline."""
+        if validator.is_valid(dts):
+            return True
+        assert time_base is not None
+        if not validator.jumped_back(dts, int(RESET_AFTER_S / time_base)):
+            self.counters["packets_dropped_bad_timestamps"] += 1
+            return False
+        # The server restarted its clock (a shared RTSP stream does when a client joins):
+        # a new timeline for the tasks, not minutes of dropped packets.
+        self.counters["timestamp_resets"] += 1
+        self.log.warning(
+            "media.timestamps_reset", back_s=round(validator.back_s(dts, time_base), 1)
+        )
+        validator.restart(dts)
+        self._new_generation(stream)
+        return True
+
+    def _forward(
+        self,
+        stream: av.video.stream.VideoStream,
+        packet: av.Packet[Any],
+        dts: int,
+        offset: int,
+        live: bool,
+    ) -> None:
+        """Hand one usable packet to the packet tasks and the decoder."""
+        if self.state is not SourceState.RUNNING:
+            self._set_state(SourceState.RUNNING, codec=stream.codec_context.name, live=live)
+        self.counters["packets"] += 1
+        if packet.is_keyframe:
+            self._keyframe_rate.keyframe(time.monotonic())
+        if self.packet_tasks:
+            media = MediaPacket(
+                data=bytes(packet),
+                pts=packet.pts + offset if packet.pts is not None else None,
+                dts=dts,
+                time_base=packet.time_base,
+                is_keyframe=packet.is_keyframe,
+                generation=self._generation,
+                captured_at=time.time(),
+            )
+            for task in self.packet_tasks:
+                task.on_packet(media)
+        if self.frame_tasks:
+            self._decode(stream, packet)
+
+    def _decode(self, stream: av.video.stream.VideoStream, packet: av.Packet[Any]) -> None:
+        """Decode only what a snapshot needs: up to the packet at which one falls due.
+
+        Packets since the last keyframe wait, undecoded; when a snapshot task is due they are
+        decoded in one go and the newest frame is delivered (a little early counts as on time
+        for keyframes only). What remains of a group of pictures
+        when the next keyframe arrives was never needed and is never decoded. When every rate is
+        at most the keyframe rate, only keyframes are decoded.
+        """
         context = stream.codec_context
         if packet.is_keyframe:
             wanted = keyframes_suffice(
@@ -298,24 +381,36 @@ class CameraSource(SourceBase):
             )
             if wanted != self.keyframes_only:
                 self.keyframes_only = wanted
-                context.skip_frame = "NONKEY" if wanted else "DEFAULT"
                 self.log.info("media.decode_policy", keyframes_only=wanted)
-        if self.keyframes_only and not packet.is_keyframe:
+            self._undecoded.clear()
+        elif self.keyframes_only:
             return
-        for frame in packet.decode():
-            assert isinstance(frame, av.video.frame.VideoFrame)
-            self.counters["frames_decoded"] += 1
-            self._deliver(frame, None, None)
+        self._undecoded.append(packet)
+        # Early is on time only for a keyframe: a frame just before one would cost the decoding
+        # of the whole group of pictures for a snapshot the keyframe gives a moment later.
+        now, early = time.monotonic(), packet.is_keyframe
+        due = any(pacer.is_due(now, early=early) for pacer in self._pacers)
+        if not due and len(self._undecoded) < MAX_UNDECODED_PACKETS:
+            return
+        frames = [frame for waiting in self._undecoded for frame in context.decode(waiting)]
+        self._undecoded.clear()
+        if self.keyframes_only:
+            # A decoder with a reordering delay would hold the keyframe back until the next one.
+            frames += context.decode(None)
+            context.flush_buffers()
+        self.counters["frames_decoded"] += len(frames)
+        if due and frames:
+            self._deliver(frames[-1], None, None)
 
     def _stream_file(self, path: str, *, loop: bool) -> None:
         """A media file, in real time; looped so that tasks see a continuous source."""
-        offset = 0
+        continue_at: int | None = None
         while not self._stop.is_set():
             with self._open(path) as container:
-                last = self._demux(container, live=False, offset=offset, pace=True)
-            if not loop or last == offset:
+                end = self._demux(container, live=False, continue_at=continue_at, pace=True)
+            if not loop or end is None:
                 return
-            offset = last
+            continue_at = end
 
     def _stream_folder(self) -> None:
         """Each image for ``folder_image_interval`` seconds, each video once; then again."""

@@ -96,3 +96,15 @@ def without_credentials(url: str) -> str:
     """The URL without ``user:password@`` (HTTP sources send them in a header instead)."""
     parts = urlsplit(url)
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+
+
+def rtsp_input_options(url: str, ca_file: Path | None, read_timeout_s: float) -> dict[str, str]:
+    """FFmpeg options to read an RTSP(S) camera: interleaved TCP, a read deadline, and for RTSPS
+    the certificate verified (FFmpeg does not unless told), against ``ca_file`` or the system
+    store. The running agent and ``tunnel-agent snapshot`` both open cameras with these."""
+    options = {"rtsp_transport": "tcp", "timeout": str(int(read_timeout_s * 1_000_000))}
+    if url.lower().startswith("rtsps://"):
+        options["tls_verify"] = "1"
+        if ca_file is not None:
+            options["ca_file"] = str(ca_file)
+    return options

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from typing import Any, Protocol
 
@@ -63,6 +65,28 @@ def mqtt_status(agent: AgentView) -> dict[str, Any] | None:
     }
 
 
+# Heavy libraries a configuration loads only when it uses them (media sources and tasks, the MQTT
+# publisher, HTTP snapshot cameras): /status says which ones this process has loaded.
+OPTIONAL_LIBRARIES = ("av", "aiohttp", "aiomqtt")
+
+
+def rss_bytes() -> int | None:
+    """Resident memory of this process (Linux); None where /proc is not there."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_status() -> dict[str, Any]:
+    return {
+        "pid": os.getpid(),
+        "rss_bytes": rss_bytes(),
+        "libraries_loaded": {name: name in sys.modules for name in OPTIONAL_LIBRARIES},
+    }
+
+
 def full_status(agent: AgentView) -> dict[str, Any]:
     totals = agent.tunnels.totals
     return {
@@ -72,6 +96,7 @@ def full_status(agent: AgentView) -> dict[str, Any]:
         "tunnels_closed": totals.closed,
         "media": media_status(agent),
         "mqtt": mqtt_status(agent),
+        "process": process_status(),
     }
 
 

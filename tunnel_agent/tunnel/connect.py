@@ -7,6 +7,7 @@ direct-method timeout, and every failure closes what was already opened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import Callable, Mapping
@@ -14,16 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import picows
+from picows import WSParsedURL
 from python_socks import ProxyTimeoutError
 from python_socks.async_.asyncio import Proxy
 
 from tunnel_agent.config.proxy import InvalidProxy, ProxyAddress
 from tunnel_agent.logs import EventLogger
 from tunnel_agent.tunnel import contract
+from tunnel_agent.tunnel.camera_tunnel import Tunnel
 from tunnel_agent.tunnel.errors import BAD_GATEWAY, TunnelError, camera_unreachable
 from tunnel_agent.tunnel.failures import MSG_DNS, websocket_failure
 from tunnel_agent.tunnel.proxy_choice import choose_proxy
-from tunnel_agent.tunnel.pump import PumpLimits, Tunnel
+from tunnel_agent.tunnel.pump import PumpLimits
 from tunnel_agent.tunnel.request import TunnelRequest
 from tunnel_agent.tunnel.targets import CameraTarget
 
@@ -50,6 +53,55 @@ def tls_context(extra_ca_file: Path | None) -> ssl.SSLContext:
     if extra_ca_file is not None:
         context.load_verify_locations(cafile=str(extra_ca_file))
     return context
+
+
+class OpeningSockets:
+    """The sockets a WebSocket opening connects (to the endpoint, or to the proxy).
+
+    picows leaves its connection open while it waits for the upgrade answer, even when that wait
+    is cancelled; keeping the sockets here lets a cancelled opening (agent shutdown) end them.
+    """
+
+    def __init__(self) -> None:
+        self._sockets: list[socket.socket] = []
+        self._through_proxy: socket.socket | None = None
+
+    def through(self, sock: socket.socket) -> None:
+        """A stream already opened through the proxy: what the next ``connect`` returns."""
+        self._sockets.append(sock)
+        self._through_proxy = sock
+
+    async def connect(self, where: WSParsedURL) -> socket.socket:
+        """picows's ``socket_factory``: connect to each address in turn, as asyncio would."""
+        if self._through_proxy is not None:
+            sock, self._through_proxy = self._through_proxy, None
+            return sock
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(where.host, where.port, type=socket.SOCK_STREAM)
+        failure: OSError = OSError(f"no address for {where.host}")
+        for family, kind, protocol, _, address in infos:
+            sock = socket.socket(family, kind, protocol)
+            self._sockets.append(sock)
+            try:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, address)
+            except OSError as exc:
+                sock.close()
+                failure = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        raise failure
+
+    def shut(self) -> None:
+        """End every connection; the transports holding them see the end and close them."""
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        if self._through_proxy is not None:  # never handed to a transport
+            self._through_proxy.close()
 
 
 async def proxy_tunnel(
@@ -93,6 +145,7 @@ async def connect_tunnel(
     except (OSError, TimeoutError):
         raise camera_unreachable(target.host, request.local_port) from None
 
+    sockets = OpeningSockets()
     try:
         try:
             proxy = choose_proxy(endpoint.scheme, endpoint.host, options.proxy, options.environ)
@@ -100,13 +153,15 @@ async def connect_tunnel(
             raise TunnelError(
                 BAD_GATEWAY, endpoint.display, "Proxy setting in the environment is invalid"
             ) from None
-        in_proxy, sock = False, None
+        in_proxy = False
         try:
             async with asyncio.timeout(options.handshake_timeout_s):
                 if proxy is not None:
                     in_proxy = True
-                    sock = await proxy_tunnel(
-                        proxy, endpoint.host, endpoint.port, options.handshake_timeout_s
+                    sockets.through(
+                        await proxy_tunnel(
+                            proxy, endpoint.host, endpoint.port, options.handshake_timeout_s
+                        )
                     )
                     in_proxy = False
                 await picows.ws_connect(
@@ -118,18 +173,17 @@ async def connect_tunnel(
                     max_frame_size=MAX_FRAME_BYTES,
                     extra_headers=request_headers(request.token, options.user_agent(target)),
                     max_redirects=0,
-                    socket_factory=(lambda _url: sock) if sock is not None else None,
                     read_buffer_init_size=READ_BUFFER_INITIAL_BYTES,
                     logger_name="picows.tunnel",
+                    socket_factory=sockets.connect,
                 )
         except Exception as exc:
-            if sock is not None:
-                sock.close()
             if isinstance(exc, TimeoutError) and in_proxy:
                 exc = ProxyTimeoutError("no tunnel from the proxy in time")
             raise websocket_failure(exc, endpoint.display, via_proxy=in_proxy) from None
-    except BaseException:
-        tunnel.abort("open failed")
+    except BaseException as exc:
+        tunnel.abort("open cancelled" if isinstance(exc, asyncio.CancelledError) else "open failed")
+        sockets.shut()
         raise
     tunnel.start()
     return tunnel

@@ -1,39 +1,49 @@
-"""The byte pump between the camera's TCP socket and the WebSocket, built on transport callbacks.
+"""The one byte pump: a TCP stream or a WebSocket joined to a WebSocket, on transport callbacks.
+
+The same job happens in three places: the agent (camera TCP <-> WebSocket to the cloud), the relay
+(consumer TCP or consumer WebSocket <-> the device's WebSocket) and ``tunnel-agent connect`` (local
+TCP <-> WebSocket to the relay). Each place builds a :class:`Pump` from two ends, a *near* one
+(:class:`StreamEnd` or :class:`WebSocketEnd`) and a *far* one (a :class:`WebSocketEnd`), and adds
+only what is its own (naming, opening, bookkeeping) around it.
 
 Why callbacks and not read/await loops: every chunk crosses in one call (``data_received`` ->
-``send``) with no task switch, which is what lets a Python agent keep up with socat. Backpressure is
-the transports' own flow control: when one side's write buffer passes its high-water mark the other
-side stops reading until it drains, so at most one read's worth of data waits per direction.
+``send``) with no task switch, which is what lets Python keep up with socat. Each end hands what it
+reads to ``forward``, which is the other end's ``write`` (or, for a while, a filter such as the
+relay's RTSP steering, which puts ``write`` back when it is done: no cost per byte after that).
+Backpressure is the transports' own flow control: when one end's write buffer passes its
+high-water mark the other end stops reading until it drains, so at most one read's worth of data
+waits per direction.
 
-A tunnel holds no tasks, only one timer. Whatever ends it (either side closing, an error, a
-timeout, shutdown) goes through :meth:`Tunnel.close`: the camera socket is flushed and closed, the
-WebSocket gets a CLOSE frame after the data already queued and is disconnected when the peer
-answers it; anything still open after ``close_timeout`` is aborted. :attr:`Tunnel.closed` resolves
-once both are gone.
+A pump holds no tasks, only one timer. Whatever ends it (either end closing, an error, a timeout,
+shutdown) goes through :meth:`Pump.close`: a stream is flushed and closed, a WebSocket gets a
+CLOSE frame after the data already queued and is disconnected when the peer answers it; anything
+still open after ``close_timeout`` is aborted. :attr:`Pump.closed` resolves once both are gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import cast
 
 import picows
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport
 
 from tunnel_agent.logs import EventLogger
-from tunnel_agent.tunnel.targets import CameraTarget
 
 # Per-transport write buffer: enough to keep a fast link busy, small enough to bound memory.
 WRITE_BUFFER_HIGH_BYTES = 256 * 1024
 WRITE_BUFFER_LOW_BYTES = 64 * 1024
 _PING_PAYLOAD = b"tunnel-agent"
+_DATA_FRAMES = (WSMsgType.BINARY, WSMsgType.CONTINUATION, WSMsgType.TEXT)
 
 
 @dataclass(frozen=True)
 class PumpLimits:
-    """Keep-alive and lifetime rules for one tunnel, in seconds (0 disables a limit)."""
+    """Keep-alive and lifetime rules for one pump, in seconds (0 disables a limit)."""
 
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 60.0
@@ -42,154 +52,311 @@ class PumpLimits:
     close_timeout_s: float = 2.0
 
 
-class CameraSide(asyncio.Protocol):
-    """The camera's TCP connection; reading stays paused until the WebSocket is up."""
+Forward = Callable[[bytes], None]
 
-    def __init__(self, tunnel: Tunnel) -> None:
-        self._tunnel = tunnel
+
+class StreamEnd(asyncio.Protocol):
+    """A TCP connection as one end of a pump; reading stays paused until the pump starts."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.pump: Pump | None = None
         self.transport: asyncio.Transport | None = None
+        self.forward: Forward = _drop
+        self.bytes_written = 0
+        self.gone = False
+        self.write_paused = False
+        self._read_paused = False
+        self._transport_write: Forward = _drop
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.pause_reading()
+        self._transport_write = self.transport.write
         self.transport.set_write_buffer_limits(WRITE_BUFFER_HIGH_BYTES, WRITE_BUFFER_LOW_BYTES)
+        self.transport.pause_reading()
+        self._read_paused = True
 
     def data_received(self, data: bytes) -> None:
-        self._tunnel.camera_data(data)
+        self.forward(data)
 
     def eof_received(self) -> bool:
-        self._tunnel.close("camera closed", WSCloseCode.OK)
+        if self.pump is not None:
+            self.pump.close(f"{self.name} closed", WSCloseCode.OK)
         return True  # keep our write side open until close() flushes it
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._tunnel.camera_lost(exc)
+        self.gone = True
+        pump = self.pump
+        if pump is not None:
+            if pump.close_reason is None:
+                reason = (
+                    f"{self.name} closed" if exc is None else f"{self.name} error: {_describe(exc)}"
+                )
+                pump.close(reason, WSCloseCode.OK if exc is None else WSCloseCode.INTERNAL_ERROR)
+            pump.end_gone()
 
     def pause_writing(self) -> None:
-        self._tunnel.pause_remote_reading()
+        self.write_paused = True
+        if self.pump is not None:
+            self.pump.other(self).pause_reading()
 
     def resume_writing(self) -> None:
-        self._tunnel.resume_remote_reading()
+        self.write_paused = False
+        if self.pump is not None:
+            self.pump.other(self).resume_reading()
+
+    # -- as an end ----------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self.transport is not None
+
+    def write(self, data: bytes) -> None:
+        self._transport_write(data)
+        self.bytes_written += len(data)
+
+    def pause_reading(self) -> None:
+        if not self._read_paused and self.transport is not None and not self.gone:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._read_paused and self.transport is not None and not self.gone:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def begin_close(self, code: WSCloseCode) -> None:
+        if self.transport is None:
+            self.gone = True
+        elif not self.gone:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.gone:
+            self.transport.abort()
+
+    def heard_from(self, now: float) -> None:
+        """Streams need no proof of life: TCP tells us when they go."""
+
+    def ping(self) -> None:
+        """Streams are not pinged."""
 
 
-class RemoteSide(picows.WSListener):
-    """The WebSocket to the cloud; frames carry the camera's byte stream."""
+class WebSocketEnd(picows.WSListener):
+    """A WebSocket (client or server side) as one end of a pump; its frames carry the bytes."""
 
-    def __init__(self, tunnel: Tunnel) -> None:
-        self._tunnel = tunnel
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.pump: Pump | None = None
+        self.ws: WSTransport | None = None
+        self.forward: Forward = self._hold
+        self.bytes_written = 0
+        self.gone = False
+        self.write_paused = False
+        self.heard_at = time.monotonic()
+        self.close_received = False
+        self._read_paused = False
+        self._held: list[bytes] = []
+        self._send: Forward = _drop
+
+    # -- picows.WSListener --------------------------------------------------------------------
 
     def on_ws_connected(self, transport: WSTransport) -> None:
-        # Frames (even a CLOSE) can arrive in the same read as the handshake answer, before
-        # ws_connect returns: the tunnel must know its WebSocket from this moment on.
-        self._tunnel.attach_remote(transport)
+        # Frames (even a CLOSE) can arrive in the same read as the handshake, before the code
+        # that made the connection runs again: the end must know its WebSocket from now on.
+        self.ws = transport
+        self._send = partial(transport.send, WSMsgType.BINARY)
+        transport.underlying_transport.set_write_buffer_limits(
+            WRITE_BUFFER_HIGH_BYTES, WRITE_BUFFER_LOW_BYTES
+        )
+        self.heard_at = time.monotonic()
+        pump = self.pump
+        if pump is not None and pump.close_reason is not None:
+            transport.disconnect(graceful=False)  # the pump closed while this was connecting
+        elif pump is not None:
+            pump.end_connected(self)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        self._tunnel.remote_frame(frame)
+        self.heard_at = time.monotonic()
+        msg_type = frame.msg_type
+        if msg_type in _DATA_FRAMES:
+            self.forward(frame.get_payload_as_bytes())
+        elif msg_type == WSMsgType.CLOSE:
+            self.close_received = True
+            pump = self.pump
+            if pump is not None and pump.close_reason is None:
+                code = _close_code_number(frame.get_close_code())
+                pump.close(f"{self.name} closed ({code})", WSCloseCode.OK)
+            else:
+                transport.disconnect(graceful=True)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        self._tunnel.remote_lost()
+        self.gone = True
+        pump = self.pump
+        if pump is not None:
+            if pump.close_reason is None:
+                pump.close(f"{self.name} connection lost")
+            pump.end_gone()
 
     def pause_writing(self) -> None:
-        self._tunnel.pause_camera_reading()
+        self.write_paused = True
+        if self.pump is not None:
+            self.pump.other(self).pause_reading()
 
     def resume_writing(self) -> None:
-        self._tunnel.resume_camera_reading()
+        self.write_paused = False
+        self.heard_at = time.monotonic()  # the peer took what was waiting: it is alive
+        if self.pump is not None:
+            self.pump.other(self).resume_reading()
+
+    # -- as an end ----------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self.ws is not None
+
+    def write(self, data: bytes) -> None:
+        self._send(data)
+        self.bytes_written += len(data)
+
+    def _hold(self, data: bytes) -> None:
+        """Frames that arrive before the pump starts (with the handshake) wait for it."""
+        self._held.append(data)
+        self.pause_reading()
+
+    def release_held(self) -> list[bytes]:
+        held, self._held = self._held, []
+        return held
+
+    def pause_reading(self) -> None:
+        ws = self.ws
+        if not self._read_paused and ws is not None and not ws.is_disconnected:
+            self._read_paused = True
+            ws.underlying_transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        ws = self.ws
+        if self._read_paused and ws is not None and not ws.is_disconnected:
+            self._read_paused = False
+            ws.underlying_transport.resume_reading()
+
+    def begin_close(self, code: WSCloseCode) -> None:
+        ws = self.ws
+        if ws is None:
+            self.gone = True
+        elif not ws.is_disconnected:
+            if not ws.is_close_frame_sent:
+                ws.send_close(code)
+            if self.close_received:
+                ws.disconnect(graceful=True)
+            # else the peer's CLOSE completes the handshake (on_ws_frame), or the abort timer fires
+
+    def abort(self) -> None:
+        if self.ws is not None and not self.ws.is_disconnected:
+            self.ws.disconnect(graceful=False)
+
+    def heard_from(self, now: float) -> None:
+        self.heard_at = now
+
+    def ping(self) -> None:
+        if self.ws is not None and not self.ws.is_disconnected:
+            self.ws.send_ping(_PING_PAYLOAD)
 
 
-class Tunnel:
-    """One camera connection bridged to one WebSocket, with counters for the closing log line."""
+End = StreamEnd | WebSocketEnd
 
-    def __init__(
-        self,
-        tunnel_id: str,
-        target: CameraTarget,
-        endpoint_display: str,
-        limits: PumpLimits,
-        log: EventLogger,
-    ) -> None:
-        self.id = tunnel_id
-        self.target = target
-        self.endpoint_display = endpoint_display
+
+class Pump:
+    """Two ends, the bytes between them, and the one way it all ends.
+
+    The near end is usually connected first; the far end is always a WebSocket. Bytes start to
+    move at :meth:`start` once both are connected; until then the near end does not read.
+    """
+
+    def __init__(self, near: End, far: WebSocketEnd, limits: PumpLimits, log: EventLogger) -> None:
+        self.near = near
+        self.far = far
         self.limits = limits
         self.log = log
-        self.camera = CameraSide(self)
-        self.remote = RemoteSide(self)
-        self.ws: WSTransport | None = None
-        self.bytes_to_remote = 0
-        self.bytes_to_camera = 0
+        near.pump = far.pump = self
         self.opened_at = time.monotonic()
+        self.started = False
         self.close_reason: str | None = None
         self._loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[None] = self._loop.create_future()
-        self._camera_gone = False
-        self._remote_gone = False
-        self._camera_paused = True  # until start()
-        self._remote_paused = False
-        self._remote_close_received = False
         self._timer: asyncio.TimerHandle | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
-        self._last_proof_of_life = self.opened_at
         self._last_activity = self.opened_at
-        self._bytes_at_last_tick = 0
+        self._moved_at_last_tick = 0
+        self._written_at_last_tick = [0, 0]
         self._last_ping = self.opened_at
+
+    def other(self, end: End) -> End:
+        return self.far if end is self.near else self.near
+
+    @property
+    def ends(self) -> tuple[End, WebSocketEnd]:
+        return self.near, self.far
 
     # -- life cycle ---------------------------------------------------------------------------
 
-    def attach_remote(self, ws: WSTransport) -> None:
-        self.ws = ws
-        ws.underlying_transport.set_write_buffer_limits(
-            WRITE_BUFFER_HIGH_BYTES, WRITE_BUFFER_LOW_BYTES
-        )
+    def end_connected(self, end: End) -> None:
+        """A WebSocket end finished its handshake; subclasses may start the pump from here."""
 
     def start(self) -> None:
-        """Both ends are connected: start moving bytes and checking the link."""
-        if self.close_reason is not None:
-            return  # closed during the handshake; close() is already taking both sides down
+        """Both ends are connected: start moving bytes and checking the links."""
+        if self.close_reason is not None or self.started:
+            return  # closed during the handshake; close() is already taking both ends down
+        self.started = True
         now = time.monotonic()
-        self.opened_at = self._last_proof_of_life = self._last_activity = self._last_ping = now
-        self.resume_camera_reading()
+        self.opened_at = self._last_activity = self._last_ping = now
+        near, far = self.near, self.far
+        far.heard_at = now
+        if isinstance(near, WebSocketEnd):
+            near.heard_at = now
+        near_held = near.release_held() if isinstance(near, WebSocketEnd) else []
+        far_held = far.release_held()
+        near.forward = far.write
+        far.forward = near.write
+        for data in near_held:
+            far.write(data)
+        for data in far_held:
+            near.write(data)
+        near.resume_reading()
+        far.resume_reading()
         self._timer = self._loop.call_later(self._tick_interval(), self._tick)
 
     def close(self, reason: str, code: WSCloseCode = WSCloseCode.OK) -> None:
-        """End the tunnel: flush and close both sides; abort what is left after the timeout."""
+        """End the pump: flush and close both ends; abort what is left after the timeout."""
         if self.close_reason is not None:
             return
         self.close_reason = reason
         if self._timer is not None:
             self._timer.cancel()
-        ws = self.ws
-        if ws is not None and not ws.is_disconnected:
-            if not ws.is_close_frame_sent:
-                ws.send_close(code)
-            if self._remote_close_received:
-                ws.disconnect(graceful=True)
-            # else the peer's CLOSE completes the handshake (remote_frame), or the abort timer fires
-        elif ws is None:
-            self._remote_gone = True
-        camera = self.camera.transport
-        if camera is not None and not self._camera_gone:
-            camera.close()
-        elif camera is None:
-            self._camera_gone = True
+        for end in self.ends:
+            end.forward = _drop
+        for end in self.ends:
+            end.begin_close(code)
         self._abort_timer = self._loop.call_later(self.limits.close_timeout_s, self._abort)
-        self._maybe_finished()
+        self.end_gone()
 
     def go_away(self, reason: str) -> None:
-        """Close because the agent is stopping (WebSocket close code 1001)."""
+        """Close because this process is stopping (WebSocket close code 1001)."""
         self.close(reason, WSCloseCode.GOING_AWAY)
 
     def abort(self, reason: str) -> None:
-        """Drop both connections at once (used when a half-open tunnel must not linger)."""
+        """Drop both connections at once (used when a half-open pump must not linger)."""
         self.close(reason)
         self._abort()
 
     def _abort(self) -> None:
-        if self.ws is not None and not self.ws.is_disconnected:
-            self.ws.disconnect(graceful=False)
-        if self.camera.transport is not None and not self._camera_gone:
-            self.camera.transport.abort()
+        for end in self.ends:
+            end.abort()
 
-    def _maybe_finished(self) -> None:
-        if self._camera_gone and self._remote_gone and not self.closed.done():
+    def end_gone(self) -> None:
+        if self.near.gone and self.far.gone and not self.closed.done():
             if self._abort_timer is not None:
                 self._abort_timer.cancel()
             self.closed.set_result(None)
@@ -197,68 +364,6 @@ class Tunnel:
     @property
     def duration_s(self) -> float:
         return time.monotonic() - self.opened_at
-
-    # -- camera -> remote ---------------------------------------------------------------------
-
-    def camera_data(self, data: bytes) -> None:
-        ws = self.ws
-        if ws is None or self.close_reason is not None:
-            return
-        ws.send(WSMsgType.BINARY, data)
-        self.bytes_to_remote += len(data)
-
-    def camera_lost(self, exc: Exception | None) -> None:
-        self._camera_gone = True
-        if self.close_reason is None:
-            reason = "camera closed" if exc is None else f"camera error: {_describe(exc)}"
-            self.close(reason, WSCloseCode.OK if exc is None else WSCloseCode.INTERNAL_ERROR)
-        self._maybe_finished()
-
-    def pause_camera_reading(self) -> None:
-        if not self._camera_paused and self.camera.transport is not None:
-            self._camera_paused = True
-            self.camera.transport.pause_reading()
-
-    def resume_camera_reading(self) -> None:
-        if self._camera_paused and self.camera.transport is not None and not self._camera_gone:
-            self._camera_paused = False
-            self._last_proof_of_life = time.monotonic()
-            self.camera.transport.resume_reading()
-
-    # -- remote -> camera ---------------------------------------------------------------------
-
-    def remote_frame(self, frame: WSFrame) -> None:
-        self._last_proof_of_life = time.monotonic()
-        msg_type = frame.msg_type
-        if msg_type in (WSMsgType.BINARY, WSMsgType.CONTINUATION, WSMsgType.TEXT):
-            camera = self.camera.transport
-            if camera is not None and not self._camera_gone and self.close_reason is None:
-                payload = frame.get_payload_as_bytes()
-                camera.write(payload)
-                self.bytes_to_camera += len(payload)
-        elif msg_type == WSMsgType.CLOSE:
-            self._remote_close_received = True
-            if self.close_reason is None:
-                code = _close_code_number(frame.get_close_code())
-                self.close(f"remote closed ({code})", WSCloseCode.OK)
-            elif self.ws is not None:
-                self.ws.disconnect(graceful=True)
-
-    def remote_lost(self) -> None:
-        self._remote_gone = True
-        if self.close_reason is None:
-            self.close("remote connection lost")
-        self._maybe_finished()
-
-    def pause_remote_reading(self) -> None:
-        if not self._remote_paused and self.ws is not None and not self.ws.is_disconnected:
-            self._remote_paused = True
-            self.ws.underlying_transport.pause_reading()
-
-    def resume_remote_reading(self) -> None:
-        if self._remote_paused and self.ws is not None and not self.ws.is_disconnected:
-            self._remote_paused = False
-            self.ws.underlying_transport.resume_reading()
 
     # -- keep-alive and limits ----------------------------------------------------------------
 
@@ -268,32 +373,42 @@ class Tunnel:
         return max(0.05, min(intervals))
 
     def _tick(self) -> None:
-        """Ping, and close on a dead link, an idle tunnel or an expired lifetime.
+        """Ping, and close on a dead link, an idle pump or an expired lifetime.
 
-        A busy tunnel whose pongs wait behind bulk data is not dead: outbound bytes that keep
-        leaving (the WebSocket is not paused) count as proof of life, as do any inbound frame.
+        A busy link whose pongs wait behind bulk data is not dead: bytes that keep leaving towards
+        a WebSocket (its writes are not paused) count as proof of life, as does any frame from it.
         """
         now = time.monotonic()
         limits = self.limits
-        moved = self.bytes_to_remote + self.bytes_to_camera
-        if moved != self._bytes_at_last_tick:
+        moved = 0
+        for index, end in enumerate(self.ends):
+            written = end.bytes_written
+            moved += written
+            if written != self._written_at_last_tick[index] and not end.write_paused:
+                end.heard_from(now)
+            self._written_at_last_tick[index] = written
+        if moved != self._moved_at_last_tick:
             self._last_activity = now
-            if not self._camera_paused:
-                self._last_proof_of_life = now
-        self._bytes_at_last_tick = moved
-        if now - self._last_proof_of_life > limits.ping_timeout_s:
-            self.abort("keepalive timeout")
-            return
+        self._moved_at_last_tick = moved
+        for end in self.ends:
+            if isinstance(end, WebSocketEnd) and now - end.heard_at > limits.ping_timeout_s:
+                self.abort("keepalive timeout")
+                return
         if limits.idle_timeout_s and now - self._last_activity > limits.idle_timeout_s:
             self.close("idle timeout")
             return
         if limits.max_lifetime_s and now - self.opened_at > limits.max_lifetime_s:
             self.close("max lifetime reached", WSCloseCode.GOING_AWAY)
             return
-        if now - self._last_ping >= limits.ping_interval_s and self.ws is not None:
+        if now - self._last_ping >= limits.ping_interval_s:
             self._last_ping = now
-            self.ws.send_ping(_PING_PAYLOAD)
+            for end in self.ends:
+                end.ping()
         self._timer = self._loop.call_later(self._tick_interval(), self._tick)
+
+
+def _drop(data: bytes) -> None:
+    """Where bytes go when they have nowhere to go (before the start, after the close)."""
 
 
 def _close_code_number(code: object) -> int:

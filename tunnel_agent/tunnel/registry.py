@@ -2,7 +2,8 @@
 
 A repeated tunnelOpen for the same endpoint and token (the cloud retrying after a lost answer)
 gets the tunnel that already exists or is being opened, never a second one. Keys are hashes, so
-the registry holds no token.
+the registry holds no token. Each opening runs as a task of its own, so that shutdown can cancel
+the ones still in progress (their sockets are closed, their requests answered 503).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
 
+from tunnel_agent.tunnel.camera_tunnel import Tunnel
 from tunnel_agent.tunnel.errors import shutting_down, too_many_tunnels
-from tunnel_agent.tunnel.pump import Tunnel
 from tunnel_agent.tunnel.request import TunnelRequest
 
 
@@ -29,6 +30,7 @@ class TunnelRegistry:
         self.max_tunnels = max_tunnels
         self._by_key: dict[bytes, asyncio.Future[Tunnel]] = {}
         self._open: dict[str, Tunnel] = {}
+        self._opening: set[asyncio.Task[Tunnel]] = set()
         self._accepting = True
 
     @property
@@ -59,15 +61,25 @@ class TunnelRegistry:
         future: asyncio.Future[Tunnel] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_consume_exception)
         self._by_key[key] = future
+        opening = asyncio.ensure_future(opener())
+        self._opening.add(opening)
         try:
-            tunnel = await opener()
+            tunnel = await opening
         except BaseException as exc:
             self._by_key.pop(key, None)
+            if _cancelled_by_shutdown(opening):
+                refused = shutting_down()
+                future.set_exception(refused)
+                raise refused from None
             if isinstance(exc, Exception):
                 future.set_exception(exc)
             else:
                 future.cancel()
             raise
+        finally:
+            self._opening.discard(opening)
+        if not self._accepting:  # opened just as shutdown began: it goes with the others
+            tunnel.go_away("agent shutdown")
         future.set_result(tunnel)
         self._open[tunnel.id] = tunnel
         tunnel.closed.add_done_callback(lambda _: self._forget(key, tunnel))
@@ -88,14 +100,32 @@ class TunnelRegistry:
     def stop_accepting(self) -> None:
         self._accepting = False
 
+    @property
+    def opening(self) -> int:
+        return len(self._opening)
+
     async def close_all(self, reason: str, timeout_s: float) -> None:
-        """Close every tunnel and wait (bounded) until both ends of each are gone."""
+        """Cancel the openings in progress, close every tunnel, and wait (bounded) until both
+        ends of each are gone."""
         self.stop_accepting()
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        opening = list(self._opening)
+        for task in opening:
+            task.cancel()
+        if opening:
+            await asyncio.wait(opening, timeout=timeout_s)
         tunnels = list(self._open.values())
         for tunnel in tunnels:
             tunnel.go_away(reason)
-        if tunnels:
-            await asyncio.wait([t.closed for t in tunnels], timeout=timeout_s)
+        remaining = deadline - asyncio.get_running_loop().time()
+        if tunnels and remaining > 0:
+            await asyncio.wait([t.closed for t in tunnels], timeout=remaining)
+
+
+def _cancelled_by_shutdown(opening: asyncio.Task[Tunnel]) -> bool:
+    """The opening was cancelled by ``close_all``, not because its caller was cancelled."""
+    caller = asyncio.current_task()
+    return opening.cancelled() and (caller is None or caller.cancelling() == 0)
 
 
 def _consume_exception(future: asyncio.Future[Tunnel]) -> None:

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tunnel_agent.logs import SECRETS, EventLogger
+from tunnel_agent.tunnel.camera_tunnel import Tunnel
 from tunnel_agent.tunnel.connect import ConnectOptions, connect_tunnel
 from tunnel_agent.tunnel.errors import TunnelError, internal_error
-from tunnel_agent.tunnel.pump import Tunnel
 from tunnel_agent.tunnel.registry import TunnelRegistry
 from tunnel_agent.tunnel.request import EndpointPolicy, TunnelRequest, parse_tunnel_request
 from tunnel_agent.tunnel.targets import CameraTarget, resolve_target

@@ -1,1 +1,2 @@
-"""A local IoT Hub emulator: mosquitto with TLS as the device endpoint, plus the service side."""
+"""A local IoT Hub emulator: registry, twins and direct methods over REST, authenticated devices
+on one MQTT endpoint (a front door in front of mosquitto), DPS."""

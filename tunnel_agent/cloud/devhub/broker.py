@@ -1,9 +1,8 @@
-"""One mosquitto process standing in for IoT Hub's MQTT endpoint for one device.
+"""The mosquitto behind the front door: one broker for every device, on a private unix socket.
 
-IoT Hub's device topics (``$iothub/methods/POST/...``) carry no device id: the hub keeps one
-session namespace per device. mosquitto has no per-client topic namespaces (and the ``mount_point``
-of Debian 12's 2.0.11 is not stripped on delivery), so the emulator gives every device its own
-broker on its own loopback address, port 8883 (the SDK's MQTT port cannot be changed).
+No device reaches it directly (see front_door.py): the only listener is a unix socket in a folder
+only the hub's user can open, so nothing on the machine bypasses authentication. Sessions are
+persisted, as IoT Hub keeps them, so subscriptions survive a broker restart.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-MQTTS_PORT = 8883
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 INSTALL_HINT = "mosquitto is not installed (Debian/Ubuntu: sudo apt-get install mosquitto)"
@@ -28,19 +26,14 @@ class BrokerError(Exception):
 
 @dataclass(frozen=True)
 class BrokerSpec:
-    """Where a device broker listens and with which TLS material."""
+    """The broker's folder (config, log, persisted sessions) and its unix socket."""
 
-    host: str
     folder: Path
-    ca_file: Path
-    cert_file: Path
-    key_file: Path
-    port: int = MQTTS_PORT
-    require_client_cert: bool = False
+    socket_path: Path
 
 
 def render_config(spec: BrokerSpec, user: str) -> str:
-    """mosquitto.conf: TLS only, loopback only, sessions persisted like IoT Hub's."""
+    """mosquitto.conf: a unix socket only, sessions persisted like IoT Hub's."""
     data = spec.folder / "data"
     lines = [
         f"user {user}",
@@ -53,16 +46,10 @@ def render_config(spec: BrokerSpec, user: str) -> str:
         "log_type notice",
         "log_type information",
         "connection_messages true",
-        "sys_interval 1",
         "max_packet_size 270000",
-        f"listener {spec.port} {spec.host}",
-        f"cafile {spec.ca_file}",
-        f"certfile {spec.cert_file}",
-        f"keyfile {spec.key_file}",
-        f"require_certificate {'true' if spec.require_client_cert else 'false'}",
-        # Direct methods are small request/answer exchanges: Nagle's algorithm plus delayed ACKs
-        # would add ~40 ms to each.
-        "set_tcp_nodelay true",
+        "max_queued_messages 1000",
+        f"listener 0 {spec.socket_path}",
+        # Only the front door and the hub's own session can open the socket: they authenticate.
         "allow_anonymous true",
     ]
     return "\n".join(lines) + "\n"
@@ -91,6 +78,7 @@ class MosquittoBroker:
             raise BrokerError(INSTALL_HINT)
         self.spec.folder.mkdir(parents=True, exist_ok=True)
         (self.spec.folder / "data").mkdir(exist_ok=True)
+        self.spec.socket_path.unlink(missing_ok=True)
         self.config_file.write_text(render_config(self.spec, getpass.getuser()))
         log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
         self._process = await asyncio.create_subprocess_exec(
@@ -130,7 +118,7 @@ class MosquittoBroker:
                 await asyncio.sleep(0.05)
                 continue
             try:
-                _, writer = await asyncio.open_connection(self.spec.host, self.spec.port)
+                _, writer = await asyncio.open_unix_connection(str(self.spec.socket_path))
             except OSError:
                 if asyncio.get_running_loop().time() > deadline:
                     raise BrokerError(f"mosquitto did not listen on {self.address}") from None
@@ -143,7 +131,7 @@ class MosquittoBroker:
 
     @property
     def address(self) -> str:
-        return f"{self.spec.host}:{self.spec.port}"
+        return str(self.spec.socket_path)
 
     def _explain(self, stderr: str, log_start: int) -> str:
         text = stderr + self._log_since(log_start)

@@ -189,6 +189,7 @@ class ClipToFs(PacketTask):
             self.output.check_again()
             raise TaskError(f"cannot finish {clip.final.name}: {exc.strerror or exc}") from None
         self.counters["clips"] += 1
+        self.counters["bytes_written"] += size_bytes
         self.log.info("media.clip_written", file=clip.final.name, packets=clip.packets)
         self.output.published(clip.final, size_bytes, time.time())
 

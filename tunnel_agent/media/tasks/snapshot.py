@@ -12,7 +12,7 @@ import av
 from tunnel_agent.media.backoff import Backoff
 from tunnel_agent.media.encode import CONTENT_TYPES, ImageEncoder
 from tunnel_agent.media.files import write_atomically
-from tunnel_agent.media.mqtt import OutgoingMessage
+from tunnel_agent.media.messages import OutgoingMessage
 from tunnel_agent.media.packets import CapturedFrame
 from tunnel_agent.media.settings import StreamSettings
 from tunnel_agent.media.tasks.base import FrameTask, TaskError

@@ -102,12 +102,16 @@ def remux(
     """Read ``url`` until it ends, fails or ``stop`` is set; raise what ended it, if anything."""
     options = {
         "rtsp_transport": "tcp",
-        "timeout": str(int(read_timeout_s * 1_000_000)),
+        "timeout": str(int(max(open_timeout_s, read_timeout_s) * 1_000_000)),
         # The SDP already describes the codecs; probing FFmpeg's default 5 s only delays the
         # first frame (half a second still finds the size and rate of an in-band-only SPS).
         "analyzeduration": str(ANALYZE_DURATION_US),
     }
-    with av.open(url, "r", options=options, timeout=(open_timeout_s, read_timeout_s)) as source:
+    # No ``timeout=`` here: PyAV implements it with an interrupt callback that takes the GIL on
+    # every read FFmpeg makes (two per interleaved RTP packet), which contends with the event
+    # loop. FFmpeg's own socket ``timeout`` bounds connect and reads, and closing the watch
+    # aborts the socket, which ends a read that waits.
+    with av.open(url, "r", options=options) as source:
         video = _pick_video(source)
         audio = next(
             (s for s in source.streams.audio if s.codec_context.name in PASSED_AUDIO), None

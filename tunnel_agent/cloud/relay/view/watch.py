@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tunnel_agent.cloud.relay.view.fanout import GopCache, Offer, ViewerQueue
@@ -58,7 +58,7 @@ class WatchTarget:
     local_port: int
     rtsp_path: str = "/"
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
 
 
 class ViewerGone(Exception):
@@ -132,6 +132,7 @@ class Watch:
         self._recent: deque[tuple[float, int]] = deque()
         self._snapshot: tuple[int, int, bytes, int, int] | None = None  # gen, seq, jpeg, w, h
         self.closed = False
+        self._closing: asyncio.Task[None] | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -159,16 +160,18 @@ class Watch:
         self.log.info("view.watch_closed", reason=reason, tunnels=self.gate.connections)
         self._on_closed(self)
 
+    def close_soon(self, reason: str) -> None:
+        """Close from a callback (a timer); the task is kept so it cannot be collected early."""
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self.close(reason))
+
     def _idle(self) -> bool:
         return not self.viewers and self._holds == 0
 
     def _maybe_start_grace(self) -> None:
         if self._idle() and self._grace is None and not self.closed:
             loop = asyncio.get_running_loop()
-            self._grace = loop.call_later(
-                self.limits.grace_s,
-                lambda: loop.create_task(self.close("no viewers")),
-            )
+            self._grace = loop.call_later(self.limits.grace_s, self.close_soon, "no viewers")
 
     def _cancel_grace(self) -> None:
         if self._grace is not None:

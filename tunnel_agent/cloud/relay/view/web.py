@@ -15,7 +15,7 @@ import json
 import secrets
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -73,7 +73,7 @@ class ViewSession:
     """What the view needs of a relay session."""
 
     target: WatchTarget
-    token: str
+    token: str = field(repr=False)
     expires_at: float | None  # wall clock (epoch seconds); None: no expiry
     join: TunnelJoin
 
@@ -167,9 +167,8 @@ class ViewService:
             await watch.start()
             if session.expires_at is not None:
                 delay = max(0.0, session.expires_at - time.time())
-                loop = asyncio.get_running_loop()
-                self._expiry[target.session_id] = loop.call_later(
-                    delay, lambda: loop.create_task(watch.close("session expired"))
+                self._expiry[target.session_id] = asyncio.get_running_loop().call_later(
+                    delay, watch.close_soon, "session expired"
                 )
         return watch
 

@@ -6,6 +6,9 @@
 (() => {
   const LIVE_EDGE_S = 0.2;       // where the playhead goes when it jumps
   const MAX_BEHIND_S = 1.0;      // further behind the live edge than this: jump
+  const CATCH_UP_ABOVE_S = 0.5;  // behind by more: play 10 % faster until back near the edge
+  const CAUGHT_UP_BELOW_S = 0.3;
+  const CATCH_UP_RATE = 1.1;
   const KEEP_BUFFER_S = 10;      // media kept behind the playhead
   const RETRY_FIRST_MS = 1000;
   const RETRY_MAX_MS = 15000;
@@ -38,6 +41,7 @@
   let retries = 0;
   let retryTimer = null;
   let stopped = false;
+  let startAtEdge = false;      // a new stream: go to its live edge once it has data
   const received = [];  // [time ms, bytes] over the last 2 s, for the bitrate
 
   function show(text, kind = 'error') {
@@ -95,6 +99,7 @@
       return;
     }
     show(null);
+    startAtEdge = true;
     const ms = new MediaSource();
     mediaSource = ms;
     video.src = URL.createObjectURL(ms);
@@ -197,9 +202,17 @@
       const last = ranges.length - 1;
       const start = ranges.start(last);
       const end = ranges.end(last);
-      if (video.currentTime < start || end - video.currentTime > MAX_BEHIND_S) {
+      const behind = end - video.currentTime;
+      if (startAtEdge || video.currentTime < start || behind > MAX_BEHIND_S) {
+        // A late joiner starts at the cached keyframe, up to a GOP behind: go to the edge.
         video.currentTime = Math.max(start, end - LIVE_EDGE_S);
+        video.playbackRate = 1;
+        startAtEdge = false;
         view.jumps += 1;
+      } else if (behind > CATCH_UP_ABOVE_S) {
+        video.playbackRate = CATCH_UP_RATE;
+      } else if (behind < CAUGHT_UP_BELOW_S) {
+        video.playbackRate = 1;
       }
       if (video.paused) video.play().catch(() => {});
       if (!sourceBuffer.updating && video.currentTime - ranges.start(0) > 3 * KEEP_BUFFER_S) {

@@ -1,0 +1,548 @@
+"""The browser view: relay CPU per watched session and per viewer next to ffmpeg, time from the view
+link to the first frame, and camera-to-screen latency, all through the real path.
+
+devhub (the IoT Hub emulator, in this process) -> ``tunnel-agent run`` -> gst-rtsp-server cameras;
+the relay with the view in a child process (whose CPU is measured); viewers are WebSocket clients
+in this process (for CPU) or headless Chromium (first frame, latency).
+
+- CPU: per round, the relay idle, with 1 session x 1 viewer, ``--sessions`` sessions x 1 viewer,
+  and 1 session x ``--viewers`` viewers, each over a ``--seconds`` window after a settle; then
+  1 and ``--sessions`` ``ffmpeg -rtsp_transport tcp -i <camera> -c copy -f mp4 -movflags
+  frag_keyframe+empty_moov pipe:1 > /dev/null`` on the same camera (1080p25, 4000 kbit/s, GOP 25).
+  Per session = (N sessions - idle) / N; per viewer = (1 x V - 1 x 1) / (V - 1); the ratio is per
+  session over ffmpeg per stream. The relay's share includes everything it does for a session:
+  the device's WebSocket (TLS), the tunnel to the remuxer, remuxing, and TLS WebSockets out.
+- First frame: a new session per run, Chromium opens the view link; the page's own
+  ``performance.now()`` at its first presented frame (``requestVideoFrameCallback``) is the time
+  from navigation start. That includes tunnelOpen, RTSP set-up and the wait for a keyframe.
+- Latency: a camera that burns its wall clock into the picture (``rtsp_camera.py --clock``, 640x360,
+  15 fps); for each frame Chromium presents, a script draws it to a canvas, reads the clock back
+  from the pixels and subtracts it from ``Date.now()`` (same machine, same clock).
+
+    python -m bench.view [--seconds 10] [--settle 3] [--rounds 3] [--sessions 4] [--viewers 8]
+                         [--first-frame-runs 5] [--latency-seconds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import ssl
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    LOOPBACK,
+    Child,
+    cpu_seconds,
+    entry_point,
+    environment,
+    median,
+    percentile,
+    table,
+    wait_until,
+)
+from bench.peers import _serve_stdin
+from tests.support.agent import AgentRunner
+from tests.support.browser import Browser
+from tests.support.camera import CAMERA_SCRIPT, SYSTEM_PYTHON
+from tests.support.net import free_port, fresh_loopback_ip
+from tests.support.threadloop import ThreadLoop
+from tunnel_agent.cloud.devhub.hub import DevHub
+
+API_KEY = "bench-view-api-key-0123"
+CPU_CAMERA = ["--width", "1920", "--height", "1080", "--fps", "25", "--gop", "25", "--kbps", "4000"]
+TARGET_RATIO = 2.0
+TARGET_FIRST_FRAME_S = 3.0
+TARGET_LATENCY_S = 1.5
+GRACE_S = 3.0
+
+READ_CLOCK = """
+window.latencies = [];
+const v = document.getElementById('video');
+const canvas = document.createElement('canvas');
+const ctx = canvas.getContext('2d', {willReadFrequently: true});
+function onFrame() {
+  if (v.videoWidth) {
+    canvas.width = v.videoWidth; canvas.height = 32;
+    ctx.drawImage(v, 0, 0, v.videoWidth, 32, 0, 0, v.videoWidth, 32);
+    const row = ctx.getImageData(0, 16, v.videoWidth, 1).data;
+    const bit = v.videoWidth / 32;
+    let value = 0;
+    for (let b = 0; b < 32; b++) {
+      value = value * 2 + (row[Math.floor(b * bit + bit / 2) * 4] > 128 ? 1 : 0);
+    }
+    let delay = Date.now() % 4294967296 - value;
+    if (delay < 0) delay += 4294967296;
+    window.latencies.push(delay);
+  }
+  v.requestVideoFrameCallback(onFrame);
+}
+v.requestVideoFrameCallback(onFrame);
+"""
+
+
+# -- the relay with the view, in its own process ---------------------------------------------------
+
+
+async def serve(config_file: str) -> None:
+    """Child: the relay and the view, sessions created on stdin (``session <route>``)."""
+    from aiohttp import web
+
+    from tunnel_agent.cloud.relay.runner import start_relay
+    from tunnel_agent.cloud.relay.settings import RelaySettings
+    from tunnel_agent.cloud.relay.view.watch import ViewLimits, WatchTarget
+    from tunnel_agent.cloud.relay.view.web import ViewService, ViewSession
+
+    config = json.loads(Path(config_file).read_text())  # noqa: ASYNC240 (start-up, once)
+    relay = await start_relay(RelaySettings.model_validate(config["settings"]))
+    sessions: dict[str, ViewSession] = {}
+    view = ViewService(sessions.get, ViewLimits(grace_s=GRACE_S))
+    app = web.Application()
+    view.add_routes(app)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config["cert_file"], config["key_file"])
+    await web.TCPSite(runner, LOOPBACK, config["view_port"], ssl_context=context).start()
+    routes = {r.id: r for r in relay.relay.routes.values()}
+    counter = [0]
+
+    def command(line: str) -> None:
+        words = line.split()
+        if words[:1] == ["session"]:
+            route = routes[words[1]]
+            counter[0] += 1
+            session_id = f"s{counter[0]}"
+            token = f"bench-token-{counter[0]}-0123456789"
+
+            async def join(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await relay.relay._consumer(route, reader, writer)
+
+            target = WatchTarget(session_id, route.device_id, route.local_port, "/test")
+            sessions[session_id] = ViewSession(target, token, None, join)
+            answer: dict[str, Any] = {"id": session_id, "token": token}
+        else:
+            answer = {"watches": len(view.watches)}
+        print(json.dumps(answer), flush=True)
+
+    print(json.dumps({"ready": True}), flush=True)
+    loop = asyncio.get_running_loop()
+    await _serve_stdin(loop, command)
+    await view.close()
+    await runner.cleanup()
+    await relay.stop()
+
+
+# -- the rig -------------------------------------------------------------------------------------
+
+
+class ViewRig:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.children: list[Child] = []
+        self.loop = ThreadLoop("bench-view")
+        hub_host = fresh_loopback_ip()
+        self.devhub = DevHub(folder / "devhub", f"{hub_host}:{free_port(hub_host)}")
+        self.loop.run(self.devhub.start())
+        self.devhub.add_device("bench-view")
+        self.cameras = {
+            "cpu": self._camera("camera-cpu", CPU_CAMERA),
+            "clock": self._camera("camera-clock", ["--clock"]),
+        }
+        ca_file = str(self.devhub.ca.cert_file)
+        self.agent = AgentRunner(
+            folder / "agent",
+            {
+                "hub": {
+                    "connection_string": self.devhub.connection_string("bench-view"),
+                    "ca_file": ca_file,
+                },
+                "tunnel": {"ca_file": ca_file, "max_tunnels": 64},
+                "cameras": [
+                    {"name": "cpu", "host": LOOPBACK, "ports": [self.cameras["cpu"]]},
+                    {"name": "clock", "host": LOOPBACK, "ports": [self.cameras["clock"]]},
+                ],
+            },
+        )
+        self.agent.wait_connected()
+        self.loop.run(self.devhub.wait_device("bench-view", 20))
+        relay_port, self.view_port = free_port(), free_port()
+        self.route_ports = {name: free_port() for name in self.cameras}
+        tls = self.devhub.ca.issue("relay", [LOOPBACK])
+        config = {
+            "settings": {
+                "relay": {
+                    "listen": f"{LOOPBACK}:{relay_port}",
+                    "public_url": f"wss://{LOOPBACK}:{relay_port}",
+                    "cert_file": str(tls.cert_file),
+                    "key_file": str(tls.key_file),
+                    "api_key": API_KEY,
+                    "max_tunnels_per_device": 64,
+                },
+                "iothub": {
+                    "service_connection_string": self.devhub.service_connection_string,
+                    "ca_file": ca_file,
+                },
+                "routes": [
+                    {
+                        "listen": f"{LOOPBACK}:{self.route_ports[name]}",
+                        "device_id": "bench-view",
+                        "local_port": port,
+                        "name": name,
+                    }
+                    for name, port in self.cameras.items()
+                ],
+            },
+            "view_port": self.view_port,
+            "cert_file": str(tls.cert_file),
+            "key_file": str(tls.key_file),
+        }
+        (folder / "relay.json").write_text(json.dumps(config))
+        self.relay = self._spawn(
+            "relay",
+            [sys.executable, "-m", "bench.view", "--serve", str(folder / "relay.json")],
+            control=True,
+        )
+        self.relay.read_json(30)
+        self.tls = ssl.create_default_context(cafile=ca_file)
+
+    def _spawn(self, name: str, args: list[str], *, control: bool = False) -> Child:
+        child = Child(args, self.folder / f"{name}.log", control=control)
+        self.children.append(child)
+        return child
+
+    def _camera(self, name: str, extra: list[str]) -> int:
+        port = free_port()
+        child = self._spawn(
+            name,
+            [SYSTEM_PYTHON, str(CAMERA_SCRIPT), "--host", LOOPBACK, "--port", str(port), *extra],
+        )
+        wait_until(lambda: "READY" in child.log.read_text(errors="replace"), 20, name)
+        return port
+
+    def camera_url(self, name: str, *, through_relay: bool = False) -> str:
+        port = self.route_ports[name] if through_relay else self.cameras[name]
+        return f"rtsp://{LOOPBACK}:{port}/test"
+
+    def session(self, route: str) -> tuple[str, str]:
+        answer = self.relay.request(f"session {route}")
+        return answer["id"], answer["token"]
+
+    def view_url(self, session_id: str, token: str) -> str:
+        return f"https://{LOOPBACK}:{self.view_port}/v1/sessions/{session_id}/view#token={token}"
+
+    def wait_no_watches(self) -> None:
+        wait_until(lambda: self.relay.request("stats")["watches"] == 0, 30, "watches to close")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.agent.stop()
+        for child in reversed(self.children):
+            child.stop()
+        with contextlib.suppress(Exception):
+            self.loop.run(self.devhub.stop())
+        self.loop.close()
+
+
+# -- viewers that only count bytes (for CPU) ------------------------------------------------------
+
+
+class Viewers:
+    """WebSocket viewers on the rig's loop: authenticate, then read and count everything."""
+
+    def __init__(self, rig: ViewRig) -> None:
+        self.rig = rig
+        self.bytes: dict[int, int] = {}
+        self._tasks: list[Any] = []
+
+    def start(self, session_id: str, token: str, count: int) -> None:
+        for _ in range(count):
+            index = len(self.bytes)
+            self.bytes[index] = 0
+            self._tasks.append(
+                asyncio.run_coroutine_threadsafe(
+                    self._view(index, session_id, token), self.rig.loop.loop
+                )
+            )
+
+    async def _view(self, index: int, session_id: str, token: str) -> None:
+        import aiohttp
+
+        url = f"wss://{LOOPBACK}:{self.rig.view_port}/v1/sessions/{session_id}/live"
+        async with (
+            aiohttp.ClientSession() as client,
+            client.ws_connect(url, ssl=self.rig.tls, max_msg_size=0) as ws,
+        ):
+            await ws.send_str(json.dumps({"type": "auth", "token": token}))
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    self.bytes[index] += len(message.data)
+
+    def all_receiving(self) -> bool:
+        return all(size > 100_000 for size in self.bytes.values())
+
+    def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
+        self.bytes.clear()
+
+
+# -- measurements -------------------------------------------------------------------------------
+
+
+def cpu_pct(pids: list[int], seconds: float) -> float:
+    before = sum(cpu_seconds(pid) for pid in pids)
+    started = time.monotonic()
+    time.sleep(seconds)
+    used = sum(cpu_seconds(pid) for pid in pids) - before
+    return used / (time.monotonic() - started) * 100
+
+
+def relay_case(
+    rig: ViewRig, sessions: int, viewers: int, seconds: float, settle: float
+) -> tuple[float, float]:
+    """(relay % of a core, Mbit/s per viewer) with ``sessions`` x ``viewers`` watching."""
+    watching = Viewers(rig)
+    try:
+        for _ in range(sessions):
+            session_id, token = rig.session("cpu")
+            watching.start(session_id, token, viewers)
+        wait_until(watching.all_receiving, 30, "every viewer to receive video")
+        time.sleep(settle)
+        start_bytes = sum(watching.bytes.values())
+        started = time.monotonic()
+        pct = cpu_pct([rig.relay.pid], seconds)
+        mbps = (sum(watching.bytes.values()) - start_bytes) * 8 / 1e6 / (time.monotonic() - started)
+        return pct, mbps / (sessions * viewers)
+    finally:
+        watching.stop()
+        rig.wait_no_watches()
+
+
+def ffmpeg_case(
+    rig: ViewRig, streams: int, seconds: float, settle: float, *, through_relay: bool = False
+) -> tuple[float, float]:
+    """(ffmpeg's, the relay's) % of a core per stream, ffmpeg remuxing the camera to fMP4.
+
+    ``through_relay``: ffmpeg reads the camera through a relay route (a tunnel per stream), so
+    the relay's share is what carrying a tunnel costs it, without the view.
+    """
+    url = rig.camera_url("cpu", through_relay=through_relay)
+    processes = [
+        subprocess.Popen(
+            [
+                "ffmpeg",
+                "-nostdin",
+                "-loglevel",
+                "error",
+                "-rtsp_transport",
+                "tcp",
+                "-i",
+                url,
+                "-c",
+                "copy",
+                "-f",
+                "mp4",
+                "-movflags",
+                "frag_keyframe+empty_moov",
+                "pipe:1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(streams)
+    ]
+    try:
+        time.sleep(settle + 2)
+        if any(p.poll() is not None for p in processes):
+            raise RuntimeError("ffmpeg ended early")
+        pids = [p.pid for p in processes]
+        before = {pid: cpu_seconds(pid) for pid in [*pids, rig.relay.pid]}
+        started = time.monotonic()
+        time.sleep(seconds)
+        elapsed = time.monotonic() - started
+        used = {pid: cpu_seconds(pid) - value for pid, value in before.items()}
+        ffmpeg_pct = sum(used[pid] for pid in pids) / elapsed * 100 / streams
+        return ffmpeg_pct, used[rig.relay.pid] / elapsed * 100 / streams
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(10)
+
+
+def first_frames(
+    rig: ViewRig, browser: Browser, late: Browser, runs: int
+) -> tuple[list[float], list[float]]:
+    """Seconds from navigation start to the first frame: new sessions, and a second browser
+    joining each while the first plays (it starts from the GOP cache)."""
+    fresh: list[float] = []
+    joined: list[float] = []
+    for _ in range(runs):
+        rig.wait_no_watches()
+        time.sleep(1.0)  # the camera stops encoding when its last client leaves
+        session_id, token = rig.session("clock")
+        browser.open(rig.view_url(session_id, token))
+        fresh.append(browser.wait(lambda s: s["firstFrameMs"] is not None, 30)["firstFrameMs"])
+        browser.wait_playing(1.5)
+        late.open(rig.view_url(session_id, token))
+        joined.append(late.wait(lambda s: s["firstFrameMs"] is not None, 30)["firstFrameMs"])
+        browser.open("about:blank")
+        late.open("about:blank")
+    return [ms / 1000 for ms in fresh], [ms / 1000 for ms in joined]
+
+
+def latencies(rig: ViewRig, browser: Browser, seconds: float) -> list[float]:
+    rig.wait_no_watches()
+    session_id, token = rig.session("clock")
+    browser.open(rig.view_url(session_id, token))
+    browser.wait_playing(2.0)
+    browser.run(READ_CLOCK)
+    time.sleep(seconds)
+    samples = [float(ms) / 1000 for ms in browser.run("return window.latencies")]
+    browser.open("about:blank")
+    return [s for s in samples if s < 60]  # a misread bit would give nonsense; none seen so far
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.view")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--settle", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sessions", type=int, default=4)
+    parser.add_argument("--viewers", type=int, default=8)
+    parser.add_argument("--first-frame-runs", type=int, default=5)
+    parser.add_argument("--latency-seconds", type=float, default=15.0)
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(args.serve))
+        return
+    import tempfile
+
+    print(f"browser view through the relay; {environment()}")
+    folder = Path(tempfile.mkdtemp(prefix="bench-view-"))
+    rig = ViewRig(folder)
+    try:
+        rows = measure_cpu(rig, args)
+        browser = Browser(ignore_certificate_errors=True)
+        late = Browser(ignore_certificate_errors=True)
+        try:
+            fresh, joined = first_frames(rig, browser, late, args.first_frame_runs)
+            delays = latencies(rig, browser, args.latency_seconds)
+        finally:
+            browser.close()
+            late.close()
+    finally:
+        rig.close()
+    print()
+    print(
+        table(
+            [
+                "CPU (% of a core)",
+                *[f"round {i + 1}" for i in range(args.rounds)],
+                "median",
+                "target",
+            ],
+            rows,
+        )
+    )
+    print()
+    print(
+        table(
+            ["time (s)", "n", "median", "p90", "max", "target"],
+            [
+                [
+                    "link -> first frame, new session",
+                    len(fresh),
+                    median(fresh),
+                    percentile(fresh, 0.9),
+                    max(fresh),
+                    verdict(max(fresh), TARGET_FIRST_FRAME_S),
+                ],
+                [
+                    "link -> first frame, joining a watched one",
+                    len(joined),
+                    median(joined),
+                    percentile(joined, 0.9),
+                    max(joined),
+                    "",
+                ],
+                [
+                    "camera -> screen latency",
+                    len(delays),
+                    median(delays),
+                    percentile(delays, 0.9),
+                    max(delays),
+                    verdict(percentile(delays, 0.9), TARGET_LATENCY_S),
+                ],
+            ],
+        )
+    )
+    print(
+        "CPU: 1080p25 H.264 at 4000 kbit/s, GOP 25; viewers are WebSocket clients in the bench"
+        " process. First frame and latency: 640x360 15 fps clock camera, GOP 15, headless"
+        " Chromium 1280x1000, software decoding; latency targets apply to p90."
+    )
+
+
+def verdict(value: float, target: float) -> str:
+    return f"<= {target:g} {'met' if value <= target else 'MISSED'}"
+
+
+def measure_cpu(rig: ViewRig, args: argparse.Namespace) -> list[list[object]]:
+    sessions, viewers = args.sessions, args.viewers
+    results: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        results.setdefault(key, []).append(value)
+
+    for round_index in range(args.rounds):
+        idle = cpu_pct([rig.relay.pid], args.seconds)
+        one, mbps = relay_case(rig, 1, 1, args.seconds, args.settle)
+        many, _ = relay_case(rig, sessions, 1, args.seconds, args.settle)
+        fan, _ = relay_case(rig, 1, viewers, args.seconds, args.settle)
+        ffmpeg_one, _ = ffmpeg_case(rig, 1, args.seconds, args.settle)
+        ffmpeg_many, _ = ffmpeg_case(rig, sessions, args.seconds, args.settle)
+        _, tunnel = ffmpeg_case(rig, sessions, args.seconds, args.settle, through_relay=True)
+        tunnel -= idle / sessions
+        per_session = (many - idle) / sessions
+        add("relay idle", idle)
+        add("relay, 1 session x 1 viewer", one)
+        add(f"relay, {sessions} sessions x 1 viewer", many)
+        add(f"relay, 1 session x {viewers} viewers", fan)
+        add("relay per watched session", per_session)
+        add("relay per added viewer", (fan - one) / (viewers - 1))
+        add("ffmpeg -c copy fMP4, 1 stream", ffmpeg_one)
+        add(f"ffmpeg per stream, {sessions} streams", ffmpeg_many)
+        add("ratio: relay per session / ffmpeg per stream", per_session / ffmpeg_many)
+        add("relay per tunnel, ffmpeg as consumer (no view)", tunnel)
+        add("view alone per session (per session - per tunnel)", per_session - tunnel)
+        add("ratio: view alone / ffmpeg per stream", (per_session - tunnel) / ffmpeg_many)
+        add("Mbit/s a viewer received", mbps)
+        print(
+            f"  round {round_index + 1}: idle {idle:.1f} %, per session {per_session:.1f} %,"
+            f" per viewer {(fan - one) / (viewers - 1):.2f} %, per tunnel {tunnel:.1f} %,"
+            f" ffmpeg {ffmpeg_many:.1f} %/stream",
+            flush=True,
+        )
+    rows: list[list[object]] = []
+    for key, values in results.items():
+        target = ""
+        if key.startswith("ratio: view"):
+            target = verdict(statistics.median(values), TARGET_RATIO)
+        rows.append([key, *values, statistics.median(values), target])
+    return rows
+
+
+if __name__ == "__main__":
+    entry_point(main)

@@ -1,0 +1,119 @@
+"""What a configuration does not use is not loaded (seen in the running agent), and the small
+HTTP endpoint that replaced aiohttp's server for observability holds up to bad clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import camera_entry
+from tests.support.agent import AgentRunner
+from tests.support.camera import RtspCamera
+from tests.support.hub import HubHarness
+from tests.support.net import free_port
+from tests.support.threadloop import ThreadLoop
+from tests.support.waiting import until
+from tests.test_observability import get
+from tunnel_agent.cloud.devhub.certs import LocalCA
+from tunnel_agent.observability import server as observability_server
+from tunnel_agent.observability.server import ObservabilityServer, parse_request_line
+
+
+def loaded(agent: AgentRunner) -> dict[str, bool]:
+    status = json.loads(get(f"{agent.observability_url}/status")[1])
+    libraries: dict[str, bool] = status["process"]["libraries_loaded"]
+    assert status["process"]["rss_bytes"] > 0
+    return libraries
+
+
+async def test_media_libraries_load_only_when_a_stream_needs_them(
+    tmp_path: Path, ca: LocalCA, servers: ThreadLoop, camera: RtspCamera
+) -> None:
+    own_hub = HubHarness(tmp_path, ca, servers, device_id="lazy-cam")
+    agent = AgentRunner(
+        tmp_path / "agent",
+        {
+            "hub": own_hub.hub_config(),
+            "cameras": [camera_entry(camera)],
+            "media": {"output_root": str(tmp_path / "media")},
+            "observability": {"listen": f"127.0.0.1:{free_port()}", "twin_report_interval": 1},
+        },
+    )
+    snaps = tmp_path / "media" / "snaps"
+    try:
+        agent.wait_connected()
+        assert loaded(agent) == {"av": False, "aiohttp": False, "aiomqtt": False}
+
+        # The cloud gives the camera a snapshot task: PyAV is loaded then, and only PyAV.
+        stream = {"name": "s", "taskType": "snapshot-to-fs", "path": "snaps"}
+        desired = [{"camera": "lobby", "streams": [stream | {"snapshotsPerSecond": 2}]}]
+        twin = own_hub.link.twin
+        version = await servers.call(own_hub.link.send_desired({"mediaStreams": desired}))
+        await until(lambda: twin.reported.get("mediaStreams", {}).get("av") == version, 30)
+        assert twin.reported["mediaStreams"]["ac"] == 200
+        await until(lambda: any(snaps.glob("*.png")), 30)
+        assert loaded(agent) == {"av": True, "aiohttp": False, "aiomqtt": False}
+    finally:
+        agent.stop()
+        own_hub.stop()
+
+
+def test_request_line_parsing() -> None:
+    assert parse_request_line(b"GET /status?x=1 HTTP/1.1\r\nHost: a\r\n\r\n") == ("GET", "/status")
+    assert parse_request_line(b"POST /metrics HTTP/1.0\r\n\r\n") == ("POST", "/metrics")
+    for bad in (b"", b"GET /status\r\n\r\n", b"GET  /x HTTP/1.1\r\n", b"GET /\xff HTTP/1.1\r\n"):
+        assert parse_request_line(bad) is None, bad
+    assert parse_request_line(b"GET / SPDY/3\r\n\r\n") is None
+
+
+class _NoAgent:
+    """/healthz needs nothing from the agent; the other routes are covered by the agent tests."""
+
+
+async def _exchange(port: int, request: bytes, *, close_write: bool = True) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    if close_write:
+        writer.write_eof()
+    async with asyncio.timeout(10):
+        answer = await reader.read()
+    writer.close()
+    return answer
+
+
+@pytest.fixture
+async def http_server(monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setattr(observability_server, "REQUEST_TIMEOUT_S", 0.5)
+    server = ObservabilityServer(_NoAgent(), None, "127.0.0.1:0")  # type: ignore[arg-type]
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def test_the_endpoint_answers_each_request_once_and_closes(
+    http_server: ObservabilityServer,
+) -> None:
+    answer = await _exchange(http_server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: close" in head
+    assert b"Content-Length: %d" % len(body) in head and json.loads(body) == {"status": "ok"}
+
+    cases = {
+        b"GET /nothing HTTP/1.1\r\n\r\n": b"HTTP/1.1 404 ",
+        b"POST /healthz HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}": b"HTTP/1.1 405 ",
+        b"not http at all\r\n\r\n": b"HTTP/1.1 400 ",
+        b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 20_000 + b"\r\n\r\n": b"HTTP/1.1 400 ",
+        b"GET /healthz HTTP/1.1\r\n": b"HTTP/1.1 400 ",  # ends before the blank line
+    }
+    for request, expected in cases.items():
+        assert (await _exchange(http_server.port, request)).startswith(expected), request[:40]
+
+
+async def test_a_silent_client_is_cut_off(http_server: ObservabilityServer) -> None:
+    answer = await _exchange(http_server.port, b"GET /healthz HTTP/1.1\r\n", close_write=False)
+    assert answer.startswith(b"HTTP/1.1 400 ")
