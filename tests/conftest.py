@@ -40,7 +40,15 @@ from tests.support.threadloop import ThreadLoop
 from tests.support.ws_endpoint import TunnelEndpoint
 from tunnel_agent.cloud.devhub.certs import LocalCA
 
-REQUIRED_TOOLS = ("mosquitto", "ffprobe", "tinyproxy", "microsocks", "danted", "socat")
+REQUIRED_TOOLS = (
+    "mosquitto",
+    "ffprobe",
+    "tinyproxy",
+    "microsocks",
+    "danted",
+    "socat",
+    "gst-launch-1.0",
+)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -144,6 +152,13 @@ def camera(state_dir: Path) -> Iterator[RtspCamera]:
 @pytest.fixture(scope="session")
 def auth_camera(state_dir: Path) -> Iterator[RtspCamera]:
     cam = RtspCamera(state_dir, user="viewer", password="cam-Pa55-word")
+    yield cam
+    cam.stop()
+
+
+@pytest.fixture(scope="session")
+def digest_camera(state_dir: Path) -> Iterator[RtspCamera]:
+    cam = RtspCamera(state_dir, user="viewer", password="cam-Pa55-word", auth="digest")
     yield cam
     cam.stop()
 

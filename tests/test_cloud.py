@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from collections.abc import Iterator
@@ -101,11 +102,16 @@ def cloud(
             "relay": {
                 "listen": f"127.0.0.1:{relay_port}",
                 "public_url": f"wss://127.0.0.1:{relay_port}",
+                "metrics_listen": f"127.0.0.1:{free_port()}",
                 "cert_file": tls.cert_file,
                 "key_file": tls.key_file,
                 "api_key": API_KEY,
                 "token_ttl": TOKEN_TTL_S,
                 "method_timeout": METHOD_TIMEOUT_S,
+                # Every consumer here comes from 127.0.0.1; the limits have tests of their own.
+                "max_connections_per_source": 64,
+                "new_connections_burst": 200,
+                "new_connections_per_second": 50,
             },
             "iothub": {
                 "service_connection_string": devhub.service_connection_string,
@@ -151,7 +157,9 @@ async def test_ffprobe_through_the_relay_sees_h264(cloud: Cloud) -> None:
     assert record.device_id == "agent-cam"
     assert record.bytes_to_consumer > 2_000 and record.bytes_to_device > 100
     closed = cloud.agent.wait_event("tunnel.closed")[-1]
-    assert int(closed["bytes_to_remote"]) == record.bytes_to_consumer
+    # What the camera sent after the consumer hung up is in flight and dropped; nothing else is.
+    assert 0.9 * int(closed["bytes_to_remote"]) <= record.bytes_to_consumer
+    assert record.bytes_to_consumer <= int(closed["bytes_to_remote"])
     assert int(closed["bytes_to_camera"]) == record.bytes_to_device
 
 
@@ -222,7 +230,7 @@ async def test_wrong_reused_and_expired_tokens_are_refused(cloud: Cloud) -> None
     call = await cloud.servers.call(cloud.fake.next_call())
     url, token = call.payload["remoteEndpoint"], call.payload["remoteAuthorizationToken"]
     assert call.payload["localPort"] == 554
-    assert len(token) >= 22  # at least 128 bits, URL-safe base64
+    assert len(base64.urlsafe_b64decode(token + "=")) == 32  # 256 random bits
     good = {"Authorization": f"Bearer {token}", "TunnelConnectionSource": "PnpDevice"}
 
     assert await connect_device(cloud, url, {**good, "Authorization": "Bearer wrong"}) == 401

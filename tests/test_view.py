@@ -99,7 +99,13 @@ class Bed:
         target = WatchTarget(session_id, relay_route.device_id, relay_route.local_port, rtsp_path)
 
         async def join(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await self.relay.relay._consumer(relay_route, reader, writer)
+            local = await self.relay.relay.open_local_port(relay_route)
+            try:
+                far_reader, far_writer = await asyncio.open_connection(local.host, local.port)
+            except OSError:
+                local.close()
+                return
+            await _copy_both_ways(reader, writer, far_reader, far_writer)
 
         expires_at = None if expires_in_s is None else time.time() + expires_in_s
         self.sessions[session_id] = ViewSession(target, token, expires_at, join)
@@ -112,6 +118,32 @@ class Bed:
         """tunnelOpen calls the device answered (opened, repeated or failed), from its own log."""
         events = ("tunnel.opened", "tunnel.open_repeated", "tunnel.open_failed")
         return sum(len(self.agent.events(name)) for name in events)
+
+
+async def _copy_both_ways(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    far_reader: asyncio.StreamReader,
+    far_writer: asyncio.StreamWriter,
+) -> None:
+    """Join the view's loopback connection to the relay's local tunnel port, until either ends."""
+
+    async def copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+
+    tasks = [
+        asyncio.create_task(copy(reader, far_writer)),
+        asyncio.create_task(copy(far_reader, writer)),
+    ]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        far_writer.close()
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +178,7 @@ def bed(tmp_path_factory: pytest.TempPathFactory, servers: ThreadLoop) -> Iterat
             "relay": {
                 "listen": f"127.0.0.1:{relay_port}",
                 "public_url": f"wss://127.0.0.1:{relay_port}",
+                "metrics_listen": f"127.0.0.1:{free_port()}",
                 "cert_file": tls.cert_file,
                 "key_file": tls.key_file,
                 "api_key": API_KEY,

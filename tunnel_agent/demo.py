@@ -180,6 +180,7 @@ class Demo:
                 "relay": {
                     "listen": f"127.0.0.1:{relay_port}",
                     "public_url": f"wss://127.0.0.1:{relay_port}",
+                    "metrics_listen": f"127.0.0.1:{free_port()}",
                     "cert_file": tls.cert_file,
                     "key_file": tls.key_file,
                 },
@@ -264,9 +265,9 @@ class Demo:
         """One line a second: what arrived since the previous line, and the tunnel's totals."""
         to_consumer = to_device = 0
         if self.relay is not None:
-            for pending in self.relay.relay.pending.values():
-                to_consumer += pending.counters.to_consumer
-                to_device += pending.counters.to_device
+            for tunnel in self.relay.relay.tunnels.values():
+                to_consumer += tunnel.bytes_to_consumer
+                to_device += tunnel.bytes_to_device
         if playback.frames == 0:
             state = "opening the stream (RTSP DESCRIBE/SETUP/PLAY through the tunnel)"
         else:
@@ -281,8 +282,8 @@ class Demo:
 
     def summary(self, playback: Playback, snapshot: Path | None) -> bool:
         record = self.relay.relay.history[-1] if self.relay and self.relay.relay.history else None
-        pending = next(iter(self.relay.relay.pending.values()), None) if self.relay else None
-        rtt = record.open_rtt_ms if record else (pending.open_rtt_ms if pending else None)
+        live = next(iter(self.relay.relay.tunnels.values()), None) if self.relay else None
+        rtt = record.open_rtt_ms if record else (live.open_rtt_ms if live else None)
         ok = playback.error is None and playback.frames > 0
         self.say("summary")
         self.say(
