@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -299,6 +301,19 @@ def _run(config: Path | None, log_format: str | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
         await Agent(settings).run(stop)
+        _exit_at_once(0)
 
     asyncio.run(run())
     return 0
+
+
+def _exit_at_once(code: int) -> None:
+    """Exit now that the agent has stopped in order, without waiting for threads.
+
+    The IoT SDK's worker threads are not daemons and can sit in a blocking TLS handshake for as
+    long as the MQTT keep-alive (a minute by default): the interpreter would wait for them.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
