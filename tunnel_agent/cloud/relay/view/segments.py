@@ -21,7 +21,7 @@ class InitSegment:
 
 @dataclass(frozen=True, slots=True)
 class Fragment:
-    """One ``moof`` + ``mdat``: a frame (and any audio next to it)."""
+    """One ``moof`` + ``mdat``: a few frames (and any audio next to them)."""
 
     data: bytes
     keyframe: bool
