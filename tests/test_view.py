@@ -432,7 +432,7 @@ async def test_a_revoked_session_closes_its_viewers_watch(bed: Bed) -> None:
     await until(lambda: session_id not in watches, timeout_s=10)
 
 
-def test_the_index_page_lists_a_session_made_through_the_api(
+def test_the_index_page_lists_sessions_and_makes_one_that_plays(
     bed: Bed, browser: Browser, blank: None
 ) -> None:
     session = bed.session()
@@ -450,6 +450,19 @@ def test_the_index_page_lists_a_session_made_through_the_api(
 
     assert cells[:3] == [session["id"], AGENT_DEVICE, str(bed.cloud.camera_port())]
     assert API_KEY in stored and API_KEY not in browser.driver.current_url
+
+    find = browser.driver.find_element
+    find("id", "device-id").send_keys(AGENT_DEVICE)
+    find("id", "local-port").clear()
+    find("id", "local-port").send_keys(str(bed.cloud.camera_port()))
+    find("id", "ttl").send_keys("600")
+    find("id", "rtsp-path").send_keys("/test")
+    find("css selector", "#create-form button[type=submit]").click()
+    _, last = browser.wait_playing(2.0)  # the new session's view opened and plays
+
+    assert (last["width"], last["height"]) == CAMERA_SIZE
+    made = browser.driver.current_url.split("/")[-2]
+    assert made != session["id"] and made in bed.relay.relay.sessions.sessions
 
 
 def test_demo_keep_running_prints_a_view_link_that_plays(
