@@ -18,6 +18,8 @@ window (psutil user+system of each process). Then 50 paced tunnels of 4 Mbit/s (
 ``--idle`` open idle tunnels: relay and agent RSS before and with them.
 
     python -m bench.relay [--seconds 8] [--warmup 1] [--rounds 3] [--paced 50] [--idle 1000]
+
+``--rounds 0``, ``--paced 0`` or ``--idle 0`` leave that part out.
 """
 
 from __future__ import annotations
@@ -366,28 +368,31 @@ def main() -> None:
     print(f"{args.rounds} rounds x {args.seconds:g} s after {args.warmup:g} s warm-up; medians")
     with Rig("relay") as rig:
         bench = Bench(rig, max(args.paced, args.idle))
-        bench.start_connect()
-        paths = bench.paths()
-        for round_no in range(1, args.rounds + 1):
-            for path in paths:
-                sample = bench.measure(path, args.warmup, args.seconds)
-                path.samples.append(sample)
-                print(
-                    f"  round {round_no} {path.name:<9} {sample.mb_s:8.1f} MB/s  relay CPU"
-                    f" {sample.relay_cpu_s:5.2f} s  agent CPU {sample.agent_cpu_s:5.2f} s",
-                    flush=True,
-                )
-        print()
-        print(bulk_report(paths))
-        print(
-            "MB = 10^6 bytes the consumer received; MB/CPU-s on the same bytes in the same window."
-        )
-        print()
-        assert bench.connect is not None
-        bench.connect.stop()
-        rig.children.remove(bench.connect)
-        bench.connect_pid = 0
+        if args.rounds:
+            bulk(bench, args.rounds, args.warmup, args.seconds)
         report_many(bench, args.paced, args.paced_seconds, args.idle)
+
+
+def bulk(bench: Bench, rounds: int, warmup_s: float, seconds: float) -> None:
+    bench.start_connect()
+    paths = bench.paths()
+    for round_no in range(1, rounds + 1):
+        for path in paths:
+            sample = bench.measure(path, warmup_s, seconds)
+            path.samples.append(sample)
+            print(
+                f"  round {round_no} {path.name:<9} {sample.mb_s:8.1f} MB/s  relay CPU"
+                f" {sample.relay_cpu_s:5.2f} s  agent CPU {sample.agent_cpu_s:5.2f} s",
+                flush=True,
+            )
+    print()
+    print(bulk_report(paths))
+    print("MB = 10^6 bytes the consumer received; MB/CPU-s on the same bytes in the same window.")
+    print()
+    assert bench.connect is not None
+    bench.connect.stop()
+    bench.rig.children.remove(bench.connect)
+    bench.connect_pid = 0
 
 
 def report_many(bench: Bench, paced: int, seconds: float, idle: int) -> None:
