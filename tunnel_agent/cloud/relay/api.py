@@ -121,12 +121,16 @@ class SessionApi:
             return _bad("body must be JSON")
         try:
             session_request = parse_session_request(body)
+            for extension in self.extensions:
+                extension.check_session_body(body)
         except InvalidSessionRequest as exc:
             return _bad(str(exc))
         try:
             session, token = await self.relay.create_session(session_request, request.remote or "")
         except SessionLimit as exc:
             return web.json_response({"error": str(exc)}, status=429)
+        for extension in self.extensions:
+            extension.session_created(session, body)
         answer = session_answer(self.relay, session, self.extensions, token)
         return web.json_response(answer, status=201)
 

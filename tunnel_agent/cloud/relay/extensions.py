@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
+from tunnel_agent.cloud.relay.view.extension import ViewExtension
+
 if TYPE_CHECKING:
     from tunnel_agent.cloud.relay.core import Relay
     from tunnel_agent.cloud.relay.sessions import Session
@@ -22,6 +24,13 @@ if TYPE_CHECKING:
 class RelayExtension(Protocol):
     def register(self, app: web.Application) -> None:
         """Add routes (or sub-applications) to the relay's aiohttp application."""
+
+    def check_session_body(self, body: dict[str, Any]) -> None:
+        """Check the extension's own fields of a ``POST /v1/sessions`` body (already a JSON
+        object); raise ``InvalidSessionRequest`` (answered 400) for a bad one."""
+
+    def session_created(self, session: Session, body: dict[str, Any]) -> None:
+        """A session was made from ``body`` (checked by ``check_session_body``)."""
 
     def session_fields(self, session: Session, token: str | None) -> dict[str, Any]:
         """Extra fields for a session answer; ``token`` is given only in the creation answer."""
@@ -32,4 +41,4 @@ class RelayExtension(Protocol):
 
 def build_extensions(relay: Relay) -> list[RelayExtension]:
     """The relay's extensions, in the order their routes are registered. Add new ones here."""
-    return []
+    return [ViewExtension(relay)]

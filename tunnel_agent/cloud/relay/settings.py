@@ -57,6 +57,10 @@ class RelayServerSettings(Section):
     ping_interval: Annotated[float, Field(ge=1, le=600)] = 20.0
     ping_timeout: Annotated[float, Field(ge=1, le=3600)] = 60.0
     hub_probe_interval: Annotated[float, Field(ge=1, le=3600)] = 10.0
+    # The browser view: viewers sharing one session's tunnel, and how long (s) that tunnel stays
+    # open after its last viewer leaves, for a viewer who reloads or comes back.
+    max_viewers_per_session: Annotated[int, Field(ge=1, le=1000)] = 16
+    view_grace_period: Annotated[float, Field(ge=0, le=3600)] = 10.0
 
     @field_validator("public_url")
     @classmethod
