@@ -6,6 +6,8 @@ answers commands read from stdin, one JSON line each on stdout:
 
 * ``stats`` -> ``{"bytes": total, "active": open connections, "accepted": n, "per_conn": [...]}``
 * ``close`` -> closes every open connection (WebSocket CLOSE 1000 or TCP close), answers ``{}``
+* ``connect HOST PORT N`` -> opens N TCP connections to HOST:PORT that count what they receive
+  (a consumer of a relay), answers ``{"connected": n}`` once they are made
 
 A WebSocket whose path starts with ``/close`` is closed 50 ms after it is accepted (for latency).
 
@@ -141,10 +143,24 @@ async def run_sink(cert: str | None, key: str | None) -> None:
         ports["wss"] = _port(servers[-1])
     print(json.dumps(ports), flush=True)
 
+    pending: set[asyncio.Task[None]] = set()
+
+    async def connect(host: str, port: int, count: int) -> None:
+        made = 0
+        for _ in range(count):
+            with contextlib.suppress(OSError):
+                await loop.create_connection(lambda: TcpSink(stats), host, port)
+                made += 1
+        print(json.dumps({"connected": made}), flush=True)
+
     def command(line: str) -> None:
         if line == "close":
             stats.close_all()
             print("{}", flush=True)
+        elif line.startswith("connect "):
+            _, host, port, count = line.split()
+            pending.add(task := loop.create_task(connect(host, int(port), int(count))))
+            task.add_done_callback(pending.discard)
         else:
             print(json.dumps(stats.snapshot()), flush=True)
 

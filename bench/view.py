@@ -92,51 +92,21 @@ v.requestVideoFrameCallback(onFrame);
 
 
 async def serve(config_file: str) -> None:
-    """Child: the relay and the view, sessions created on stdin (``session <route>``)."""
-    from aiohttp import web
-
+    """Child: the relay (the view is its extension); ``stats`` on stdin answers the watch count."""
     from tunnel_agent.cloud.relay.runner import start_relay
     from tunnel_agent.cloud.relay.settings import RelaySettings
-    from tunnel_agent.cloud.relay.view.watch import ViewLimits, WatchTarget
-    from tunnel_agent.cloud.relay.view.web import ViewService, ViewSession
+    from tunnel_agent.cloud.relay.view.extension import ViewExtension
 
     config = json.loads(Path(config_file).read_text())  # noqa: ASYNC240 (start-up, once)
     relay = await start_relay(RelaySettings.model_validate(config["settings"]))
-    sessions: dict[str, ViewSession] = {}
-    view = ViewService(sessions.get, ViewLimits(grace_s=GRACE_S))
-    app = web.Application()
-    view.add_routes(app)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(config["cert_file"], config["key_file"])
-    await web.TCPSite(runner, LOOPBACK, config["view_port"], ssl_context=context).start()
-    routes = {r.id: r for r in relay.relay.routes.values()}
-    counter = [0]
+    view = next(e for e in relay.extensions if isinstance(e, ViewExtension))
 
     def command(line: str) -> None:
-        words = line.split()
-        if words[:1] == ["session"]:
-            route = routes[words[1]]
-            counter[0] += 1
-            session_id = f"s{counter[0]}"
-            token = f"bench-token-{counter[0]}-0123456789"
-
-            async def join(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-                await relay.relay._consumer(route, reader, writer)
-
-            target = WatchTarget(session_id, route.device_id, route.local_port, "/test")
-            sessions[session_id] = ViewSession(target, token, None, join)
-            answer: dict[str, Any] = {"id": session_id, "token": token}
-        else:
-            answer = {"watches": len(view.watches)}
-        print(json.dumps(answer), flush=True)
+        print(json.dumps({"watches": len(view.service.watches)}), flush=True)
 
     print(json.dumps({"ready": True}), flush=True)
     loop = asyncio.get_running_loop()
     await _serve_stdin(loop, command)
-    await view.close()
-    await runner.cleanup()
     await relay.stop()
 
 
@@ -173,7 +143,7 @@ class ViewRig:
         )
         self.agent.wait_connected()
         self.loop.run(self.devhub.wait_device("bench-view", 20))
-        relay_port, self.view_port = free_port(), free_port()
+        self.relay_port = relay_port = free_port()
         self.route_ports = {name: free_port() for name in self.cameras}
         tls = self.devhub.ca.issue("relay", [LOOPBACK])
         config = {
@@ -184,7 +154,9 @@ class ViewRig:
                     "cert_file": str(tls.cert_file),
                     "key_file": str(tls.key_file),
                     "api_key": API_KEY,
+                    "metrics_listen": f"{LOOPBACK}:{free_port()}",
                     "max_tunnels_per_device": 64,
+                    "view_grace_period": GRACE_S,
                 },
                 "iothub": {
                     "service_connection_string": self.devhub.service_connection_string,
@@ -200,9 +172,6 @@ class ViewRig:
                     for name, port in self.cameras.items()
                 ],
             },
-            "view_port": self.view_port,
-            "cert_file": str(tls.cert_file),
-            "key_file": str(tls.key_file),
         }
         (folder / "relay.json").write_text(json.dumps(config))
         self.relay = self._spawn(
@@ -210,8 +179,8 @@ class ViewRig:
             [sys.executable, "-m", "bench.view", "--serve", str(folder / "relay.json")],
             control=True,
         )
-        self.relay.read_json(30)
         self.tls = ssl.create_default_context(cafile=ca_file)
+        self.relay.read_json(30)
 
     def _spawn(self, name: str, args: list[str], *, control: bool = False) -> Child:
         child = Child(args, self.folder / f"{name}.log", control=control)
@@ -231,12 +200,24 @@ class ViewRig:
         port = self.route_ports[name] if through_relay else self.cameras[name]
         return f"rtsp://{LOOPBACK}:{port}/test"
 
-    def session(self, route: str) -> tuple[str, str]:
-        answer = self.relay.request(f"session {route}")
-        return answer["id"], answer["token"]
+    def session(self, camera: str) -> dict[str, Any]:
+        """A session on ``camera`` through the relay's API, as users make them."""
+        return self.loop.run(self._create_session(camera))
 
-    def view_url(self, session_id: str, token: str) -> str:
-        return f"https://{LOOPBACK}:{self.view_port}/v1/sessions/{session_id}/view#token={token}"
+    async def _create_session(self, camera: str) -> dict[str, Any]:
+        import aiohttp
+
+        body = {"deviceId": "bench-view", "localPort": self.cameras[camera], "rtspPath": "/test"}
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        url = f"https://{LOOPBACK}:{self.relay_port}/v1/sessions"
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(url, json=body, headers=headers, ssl=self.tls) as response,
+        ):
+            answer: dict[str, Any] = await response.json()
+            if response.status != 201:
+                raise RuntimeError(f"POST /v1/sessions: {response.status} {answer}")
+            return answer
 
     def wait_no_watches(self) -> None:
         wait_until(lambda: self.relay.request("stats")["watches"] == 0, 30, "watches to close")
@@ -262,20 +243,20 @@ class Viewers:
         self.bytes: dict[int, int] = {}
         self._tasks: list[Any] = []
 
-    def start(self, session_id: str, token: str, count: int) -> None:
+    def start(self, session: dict[str, Any], count: int) -> None:
         for _ in range(count):
             index = len(self.bytes)
             self.bytes[index] = 0
             self._tasks.append(
                 asyncio.run_coroutine_threadsafe(
-                    self._view(index, session_id, token), self.rig.loop.loop
+                    self._view(index, session["id"], session["token"]), self.rig.loop.loop
                 )
             )
 
     async def _view(self, index: int, session_id: str, token: str) -> None:
         import aiohttp
 
-        url = f"wss://{LOOPBACK}:{self.rig.view_port}/v1/sessions/{session_id}/live"
+        url = f"wss://{LOOPBACK}:{self.rig.relay_port}/v1/sessions/{session_id}/live"
         async with (
             aiohttp.ClientSession() as client,
             client.ws_connect(url, ssl=self.rig.tls, max_msg_size=0) as ws,
@@ -313,8 +294,7 @@ def relay_case(
     watching = Viewers(rig)
     try:
         for _ in range(sessions):
-            session_id, token = rig.session("cpu")
-            watching.start(session_id, token, viewers)
+            watching.start(rig.session("cpu"), viewers)
         wait_until(watching.all_receiving, 30, "every viewer to receive video")
         time.sleep(settle)
         start_bytes = sum(watching.bytes.values())
@@ -389,11 +369,11 @@ def first_frames(
     for _ in range(runs):
         rig.wait_no_watches()
         time.sleep(1.0)  # the camera stops encoding when its last client leaves
-        session_id, token = rig.session("clock")
-        browser.open(rig.view_url(session_id, token))
+        view_url = rig.session("clock")["viewUrl"]
+        browser.open(view_url)
         fresh.append(browser.wait(lambda s: s["firstFrameMs"] is not None, 30)["firstFrameMs"])
         browser.wait_playing(1.5)
-        late.open(rig.view_url(session_id, token))
+        late.open(view_url)
         joined.append(late.wait(lambda s: s["firstFrameMs"] is not None, 30)["firstFrameMs"])
         browser.open("about:blank")
         late.open("about:blank")
@@ -402,8 +382,7 @@ def first_frames(
 
 def latencies(rig: ViewRig, browser: Browser, seconds: float) -> list[float]:
     rig.wait_no_watches()
-    session_id, token = rig.session("clock")
-    browser.open(rig.view_url(session_id, token))
+    browser.open(rig.session("clock")["viewUrl"])
     browser.wait_playing(2.0)
     browser.run(READ_CLOCK)
     time.sleep(seconds)

@@ -11,11 +11,12 @@ DEMO_PACKAGES=(
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly gstreamer1.0-plugins-bad
   mosquitto
 )
-# Proxies, ffprobe/ffmpeg, socat, systemd-analyze, network namespaces (iproute2), a browser and
-# its driver, and RTSP clients that are not FFmpeg (VLC, GStreamer's gst-launch-1.0 rtspsrc).
+# Proxies (HTTP, SOCKS5, and Dante for SOCKS4), ffprobe/ffmpeg, socat, systemd-analyze, network
+# namespaces (iproute2), a browser and its driver, and RTSP clients that are not FFmpeg (VLC,
+# GStreamer's gst-launch-1.0 rtspsrc).
 TEST_PACKAGES=(
-  tinyproxy microsocks ffmpeg socat systemd iproute2
-  chromium chromium-driver vlc-bin vlc-plugin-base gstreamer1.0-tools
+  tinyproxy microsocks dante-server ffmpeg socat systemd iproute2
+  chromium chromium-driver vlc-bin vlc-plugin-base gstreamer1.0-tools gstreamer1.0-libav
 )
 
 case "${1:-test}" in

@@ -40,7 +40,15 @@ from tests.support.threadloop import ThreadLoop
 from tests.support.ws_endpoint import TunnelEndpoint
 from tunnel_agent.cloud.devhub.certs import LocalCA
 
-REQUIRED_TOOLS = ("mosquitto", "ffprobe", "tinyproxy", "microsocks", "socat")
+REQUIRED_TOOLS = (
+    "mosquitto",
+    "ffprobe",
+    "tinyproxy",
+    "microsocks",
+    "danted",
+    "socat",
+    "gst-launch-1.0",
+)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -59,6 +67,29 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     stop_all()
+
+
+def _order_line(config: pytest.Config) -> str | None:
+    """How to run the tests again in this order (pytest-randomly's seed), even under ``-q``."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if seed is None or not config.pluginmanager.has_plugin("randomly"):
+        return None
+    return f"random order: --randomly-seed={seed} (repeat with -p randomly --randomly-seed={seed})"
+
+
+def pytest_report_collectionfinish(config: pytest.Config) -> list[str]:
+    line = _order_line(config)
+    if line is not None and config.get_verbosity() < 0:  # -q hides report headers
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(line)
+    return []
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    line = _order_line(config)
+    if line is not None:
+        terminalreporter.write_line(line)
 
 
 def _check_agents(request: pytest.FixtureRequest, earlier: list[AgentRunner]) -> None:
@@ -121,6 +152,13 @@ def camera(state_dir: Path) -> Iterator[RtspCamera]:
 @pytest.fixture(scope="session")
 def auth_camera(state_dir: Path) -> Iterator[RtspCamera]:
     cam = RtspCamera(state_dir, user="viewer", password="cam-Pa55-word")
+    yield cam
+    cam.stop()
+
+
+@pytest.fixture(scope="session")
+def digest_camera(state_dir: Path) -> Iterator[RtspCamera]:
+    cam = RtspCamera(state_dir, user="viewer", password="cam-Pa55-word", auth="digest")
     yield cam
     cam.stop()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import av
 import pytest
+from aiohttp import web
 
 from tests.conftest import AgentFactory, camera_entry
 from tests.support import toml_writer
@@ -23,7 +25,8 @@ from tests.support.hub import HubHarness
 from tests.support.proxies import Tinyproxy
 from tests.support.tcp_camera import TcpCamera
 from tests.support.threadloop import ThreadLoop
-from tests.support.ws_endpoint import TunnelEndpoint, sink_handler
+from tests.support.waiting import until
+from tests.support.ws_endpoint import Session, TunnelEndpoint, sink_handler
 from tunnel_agent import __version__
 from tunnel_agent.cloud.devhub.certs import LocalCA
 
@@ -36,12 +39,14 @@ def tcp_camera(servers: ThreadLoop) -> Iterator[TcpCamera]:
     servers.run(cam.stop())
 
 
-async def test_sigterm_closes_open_tunnels_and_exits_0(
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_stop_signal_closes_open_tunnels_and_exits_0(
     agent_factory: AgentFactory,
     hub: HubHarness,
     endpoint: TunnelEndpoint,
     servers: ThreadLoop,
     tcp_camera: TcpCamera,
+    stop_signal: signal.Signals,
 ) -> None:
     agent = agent_factory([{"name": "stub", "host": "127.0.0.1", "ports": [tcp_camera.port]}])
     sessions = [await servers.call(endpoint.new_session(handler=sink_handler)) for _ in range(3)]
@@ -52,7 +57,7 @@ async def test_sigterm_closes_open_tunnels_and_exits_0(
         assert status == 200
     started = time.monotonic()
 
-    agent.process.signal(signal.SIGTERM)
+    agent.process.signal(stop_signal)
     code = await asyncio.to_thread(agent.process.wait, 15)
 
     assert code == 0
@@ -64,6 +69,46 @@ async def test_sigterm_closes_open_tunnels_and_exits_0(
     closed = agent.events("tunnel.closed")
     assert len(closed) == 3 and {e["reason"] for e in closed} == {"agent shutdown"}
     assert agent.events("agent.stopped")
+
+
+async def test_a_request_while_the_agent_stops_is_503_agent_is_shutting_down(
+    agent_factory: AgentFactory,
+    hub: HubHarness,
+    endpoint: TunnelEndpoint,
+    servers: ThreadLoop,
+    tcp_camera: TcpCamera,
+) -> None:
+    async def never_answer_the_close(ws: web.WebSocketResponse, session: Session) -> None:
+        assert session.request is not None and session.request.transport is not None
+        session.request.transport.pause_reading()
+        with contextlib.suppress(TimeoutError):  # until the agent aborts it
+            await asyncio.wait_for(ws.receive(), 30)
+
+    # The open tunnel's CLOSE is never answered: the agent keeps stopping for close_timeout.
+    agent = agent_factory(
+        [{"name": "stub", "host": "127.0.0.1", "ports": [tcp_camera.port]}],
+        tunnel={"close_timeout": 8.0},
+    )
+    held = await servers.call(endpoint.new_session(handler=never_answer_the_close))
+    status, _ = await hub.tunnel_open(
+        endpoint.url(f"/tunnel/{held.id}"), held.token, tcp_camera.port
+    )
+    assert status == 200
+
+    agent.process.signal(signal.SIGTERM)
+    await asyncio.to_thread(agent.wait_event, "agent.stopping")
+    late = await servers.call(endpoint.new_session(handler=sink_handler))
+    status, body = await hub.tunnel_open(
+        endpoint.url(f"/tunnel/{late.id}"), late.token, tcp_camera.port
+    )
+
+    assert (status, body) == (
+        503,
+        {"code": "503", "target": "agent", "message": "Agent is shutting down"},
+    )
+    assert late.upgrade_requests == 0
+    assert await asyncio.to_thread(agent.process.wait, 30) == 0
+    assert [e["reason"] for e in agent.events("tunnel.closed")] == ["agent shutdown"]
 
 
 def decode_continuously(url: str, stop: threading.Event, frames: list[float]) -> None:
@@ -102,16 +147,14 @@ async def test_tunnel_survives_a_hub_restart_and_new_tunnels_open_after(
             args=(f"rtsp://127.0.0.1:{session.consumer_port}/test", stop, frames),
         )
         reader.start()
-        deadline = time.monotonic() + 20
-        while len(frames) < 10 and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        assert len(frames) >= 10
+        await until(lambda: len(frames) >= 10, 20)
 
         await servers.call(own_hub.broker.restart())
         restarted = time.monotonic()
         agent.wait_event("hub.connected", count=2, timeout_s=30)
         own_hub.wait_device()
-        await asyncio.sleep(1)
+        reconnected = time.monotonic()
+        await until(lambda: any(t > reconnected for t in frames), 20)  # video goes on after it
         assert not agent.events("tunnel.closed")  # checked before the viewer stops
 
         stop.set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fnmatch
 import http.server
 import json
 import os
@@ -24,6 +25,7 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import trustme
@@ -403,7 +405,7 @@ def test_schema_validation_rejects_a_wrong_field(site: list[dict[str, Any]]) -> 
 
 
 def workloads(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in resources if r["kind"] in ("Deployment", "DaemonSet")]
+    return [r for r in resources if r["kind"] in ("Deployment", "DaemonSet", "StatefulSet")]
 
 
 def port_number(container: dict[str, Any], port: int | str) -> int:
@@ -417,7 +419,7 @@ def test_workloads_are_locked_down(
 ) -> None:
     found = workloads(site) + workloads(daemonset)
     assert {(w["kind"], w["metadata"]["name"]) for w in found} == {
-        ("Deployment", "tunnel-relay"),
+        ("StatefulSet", "tunnel-relay"),
         ("Deployment", "tunnel-agent"),
         ("DaemonSet", "tunnel-agent"),
     }
@@ -457,23 +459,68 @@ def test_agent_probes_and_observability(
         assert pod["terminationGracePeriodSeconds"] >= AGENT_STOP_BOUND_S + STOP_MARGIN_S
 
 
-def test_relay_probes_match_its_listener(site: list[dict[str, Any]]) -> None:
-    config = tomllib.loads(find(site, "ConfigMap", "tunnel-relay-config")["data"]["relay.toml"])
+def relay_config(site: list[dict[str, Any]]) -> dict[str, Any]:
+    return tomllib.loads(find(site, "ConfigMap", "tunnel-relay-config")["data"]["relay.toml"])
+
+
+def relay_services(site: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    labels = find(site, "StatefulSet", "tunnel-relay")["spec"]["selector"]["matchLabels"]
+    return [
+        r
+        for r in site
+        if r["kind"] == "Service" and labels.items() <= r["spec"]["selector"].items()
+    ]
+
+
+def test_relay_probes_match_its_listeners(site: list[dict[str, Any]]) -> None:
+    config = relay_config(site)
     listen_port = int(config["relay"]["listen"].rsplit(":", 1)[1])
-    scheme = "HTTPS" if config["relay"].get("cert_file") else "HTTP"
-    deployment = find(site, "Deployment", "tunnel-relay")
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    metrics_port = int(config["relay"]["metrics_listen"].rsplit(":", 1)[1])
+    relay = find(site, "StatefulSet", "tunnel-relay")
+    (container,) = relay["spec"]["template"]["spec"]["containers"]
     assert container["args"] == ["relay", "--config", "/etc/tunnel-agent/relay.toml"]
-    for probe in ("livenessProbe", "readinessProbe"):
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = container[probe]["httpGet"]
-        assert get["path"] == "/healthz" and get["scheme"] == scheme
-        assert port_number(container, get["port"]) == listen_port
+        assert get["path"] == path and get["scheme"] == "HTTP"
+        assert port_number(container, get["port"]) == metrics_port
     route_ports = {int(r["listen"].rsplit(":", 1)[1]) for r in config.get("routes", [])}
-    exposed = set()
-    for service in (r for r in site if r["kind"] == "Service"):
-        assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
-        exposed |= {port_number(container, p["targetPort"]) for p in service["spec"]["ports"]}
-    assert exposed == route_ports | {listen_port}
+    exposed = {
+        port_number(container, p["targetPort"])
+        for service in relay_services(site)
+        for p in service["spec"]["ports"]
+    }
+    assert exposed == route_ports | {listen_port}  # metrics: by pod address, from monitoring
+    for route in config.get("routes", []):
+        assert route["allowed_sources"], "a route in a cluster names the pod network"
+
+
+def test_every_relay_replica_has_a_public_name_of_its_own(site: list[dict[str, Any]]) -> None:
+    """A device's WebSocket and a session's consumers must reach the replica that made them."""
+    relay = find(site, "StatefulSet", "tunnel-relay")
+    spec = relay["spec"]
+    headless = find(site, "Service", spec["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    (container,) = spec["template"]["spec"]["containers"]
+    env = [e["name"] for e in container["env"]]
+    pod_name = next(e for e in container["env"] if e["name"] == "POD_NAME")
+    assert pod_name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    public = next(e for e in container["env"] if e["name"] == "TUNNEL_AGENT_RELAY__PUBLIC_URL")
+    assert env.index("POD_NAME") < env.index(public["name"])  # $(POD_NAME) expands in order
+    assert "$(POD_NAME)" in public["value"]
+    assert "public_url" not in relay_config(site)["relay"]
+    agent_toml = find(site, "ConfigMap", "tunnel-agent-config")["data"]["agent.toml"]
+    allowed = tomllib.loads(agent_toml)["tunnel"]["allowed_remote_hosts"]
+    assert spec["replicas"] >= 2
+    for index in range(spec["replicas"]):
+        pod = f"tunnel-relay-{index}"
+        host = urlsplit(public["value"].replace("$(POD_NAME)", pod)).hostname
+        assert host is not None
+        service = find(site, "Service", pod)
+        assert service["spec"]["type"] == "LoadBalancer"
+        assert service["spec"]["selector"]["statefulset.kubernetes.io/pod-name"] == pod
+        annotations = service["metadata"]["annotations"]
+        assert annotations["external-dns.alpha.kubernetes.io/hostname"] == host
+        assert any(fnmatch.fnmatchcase(host, pattern) for pattern in allowed), host
 
 
 def test_network_policies(site: list[dict[str, Any]]) -> None:
@@ -488,11 +535,14 @@ def test_network_policies(site: list[dict[str, Any]]) -> None:
     assert {("UDP", 53), ("TCP", 8883), ("TCP", 443), ("TCP", 8443), ("TCP", 554)} <= egress
     assert {port for _, port in egress} <= {53, 8883, 443, 8443, 554, 322}
     relay = find(site, "NetworkPolicy", "tunnel-relay")["spec"]
-    (container,) = find(site, "Deployment", "tunnel-relay")["spec"]["template"]["spec"][
+    (container,) = find(site, "StatefulSet", "tunnel-relay")["spec"]["template"]["spec"][
         "containers"
     ]
     relay_ports = {p["containerPort"] for p in container["ports"]}
     assert {p["port"] for rule in relay["ingress"] for p in rule["ports"]} == relay_ports
+    for rule in relay["ingress"]:
+        if {p["port"] for p in rule["ports"]} != {8443}:  # devices come from anywhere
+            assert rule["from"] and {} not in [f.get("namespaceSelector") for f in rule["from"]]
 
 
 def looks_like_a_key(text: str) -> bool:
@@ -574,6 +624,9 @@ def test_configmaps_and_secrets_load_with_the_real_settings(
 
     relay_toml = tmp_path / "relay.toml"
     relay_toml.write_text(find(site, "ConfigMap", "tunnel-relay-config")["data"]["relay.toml"])
+    (relay_container,) = find(site, "StatefulSet", "tunnel-relay")["spec"]["template"]["spec"][
+        "containers"
+    ]
     cert = trustme.CA().issue_cert("relay.example.net")
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "tls.crt"))
     cert.private_key_pem.write_to_path(str(tmp_path / "tls.key"))
@@ -583,11 +636,16 @@ def test_configmaps_and_secrets_load_with_the_real_settings(
         # The TLS Secret's files, mounted at cert_file/key_file in the pod, are local here.
         env.setenv("TUNNEL_AGENT_RELAY__CERT_FILE", str(tmp_path / "tls.crt"))
         env.setenv("TUNNEL_AGENT_RELAY__KEY_FILE", str(tmp_path / "tls.key"))
+        for variable in relay_container["env"]:  # as the kubelet expands them for pod 0
+            if "value" in variable:
+                pod_value = variable["value"].replace("$(POD_NAME)", "tunnel-relay-0")
+                env.setenv(variable["name"], pod_value)
         from tunnel_agent.cli import RELAY_PATH_KEYS
         from tunnel_agent.config.loading import load_any
 
         relay = load_any(RelaySettings, relay_toml, RELAY_PATH_KEYS)
     assert relay.relay.api_key is not None and relay.routes
+    assert relay.relay.public_url == "wss://tunnel-relay-0.relay.example.net:8443"
 
 
 def test_daemonset_variant_replaces_the_per_site_agent(
@@ -600,7 +658,7 @@ def test_daemonset_variant_replaces_the_per_site_agent(
         ("PersistentVolumeClaim", "tunnel-agent-media"),
     ):
         assert gone in {(r["kind"], r["metadata"]["name"]) for r in site} and gone not in kinds
-    assert ("DaemonSet", "tunnel-agent") in kinds and ("Deployment", "tunnel-relay") in kinds
+    assert ("DaemonSet", "tunnel-agent") in kinds and ("StatefulSet", "tunnel-relay") in kinds
     labels = find(daemonset, "Namespace", "tunnel-agent")["metadata"]["labels"]
     assert labels["pod-security.kubernetes.io/enforce"] == "privileged"  # hostPath needs it
     assert (

@@ -32,12 +32,12 @@ def rejected(status: int) -> WSInvalidStatusError:
         (ProxyTimeoutError("t"), 504, "Timed out connecting through the proxy"),
         (ProxyConnectionError(111, "refused"), 502, "Could not connect to the proxy"),
         (
-            ProxyError("HTTP proxy rejected connection with status 407"),
+            ProxyError("407 Proxy Authentication Required", error_code=407),
             502,
             "Proxy authentication failed (HTTP 407)",
         ),
         (
-            ProxyError("HTTP proxy rejected connection with status 403"),
+            ProxyError("403 Access violation", error_code=403),
             502,
             "Proxy refused the connection (HTTP 403)",
         ),

@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -20,7 +21,9 @@ import pytest
 from tests.conftest import camera_entry
 from tests.support.agent import AgentRunner
 from tests.support.camera import RtspCamera
+from tests.support.metrics import metric, scrape
 from tests.support.mqtt import MediaBroker, Subscriber
+from tests.support.waiting import until
 
 FAST = {"watchdog": 3.0, "backoff_initial": 0.5, "backoff_max": 2.0, "status_interval": 2.0}
 
@@ -43,6 +46,19 @@ def media_agent(folder: Path, cameras: list[dict[str, Any]], **extra: Any) -> Ag
     return AgentRunner(
         folder, {"cameras": cameras, "media": {**FAST, **extra.pop("media", {})}, **extra}
     )
+
+
+def metrics_of(agent: AgentRunner) -> str:
+    return scrape(agent.observability_url)
+
+
+def source_states(agent: AgentRunner) -> list[str]:
+    return [e["state"] for e in agent.events("media.source_state")]
+
+
+def mqtt_counter(agent: AgentRunner, name: str) -> int:
+    statuses = agent.events("media.mqtt_status")
+    return int(statuses[-1].get(name, 0)) if statuses else 0
 
 
 def decode_image(data: bytes) -> tuple[str, int, int]:
@@ -80,7 +96,8 @@ async def test_snapshots_to_mqtt_at_the_configured_rate_with_mqtt5_properties(
         try:
             await subscriber.wait_count(1, timeout_s=30)
             start = subscriber.messages[0].at
-            await asyncio.sleep(10.2)
+            # A message after the 10 s window proves the window is over.
+            await until(lambda: subscriber.messages[-1].at - start >= 10, 30)
         finally:
             agent.stop()
     in_window = [m for m in subscriber.messages if m.at - start < 10]
@@ -152,7 +169,10 @@ async def test_snapshots_and_clips_to_files(tmp_path: Path, camera: RtspCamera) 
         if folder == mp4:
             assert first.index(b"moov") < first.index(b"mdat")  # index at the front
     names = [c.name for c in sorted(mkv.iterdir())]
-    assert names == sorted(names) and all(n.endswith("Z-" + n.split("Z-")[1]) for n in names)
+    assert all(re.fullmatch(r"mkv-\d{8}T\d{6}\.\d{3}Z-\d{6}\.mkv", n) for n in names), names
+    stamps = [datetime.strptime(n[4:23], "%Y%m%dT%H%M%S.%f") for n in names]
+    assert stamps == sorted(stamps)
+    assert [int(n[-10:-4]) for n in names] == list(range(1, len(names) + 1))
 
 
 async def test_a_clip_killed_mid_way_is_salvaged_at_the_next_start(
@@ -232,17 +252,17 @@ async def test_rtsps_to_an_untrusted_server_is_refused(tmp_path: Path, camera: R
         }
         agent = media_agent(tmp_path / "agent", [camera_entry(camera, streams=[stream])])
         try:
-            failed = agent.wait_event("media.task_state", timeout_s=30)
             agent.process.wait_for(
                 lambda _: any(e.get("state") == "failed" for e in agent.events("media.task_state")),
                 30,
             )
         finally:
             agent.stop()
-        failures = [e for e in agent.events("media.task_state") if e.get("state") == "failed"]
-        assert failures and "rtsps://127.0.0.1" in failures[0]["reason"]
+        (failed, *_) = [e for e in agent.events("media.task_state") if e.get("state") == "failed"]
+        assert failed["stream"] == "out"
+        assert failed["reason"].startswith(f"cannot publish to rtsps://127.0.0.1:{server.port}/rec")
+        assert not agent.events("media.restream_connected")
         assert server.recorded_frames() == 0
-        assert failed
     finally:
         server.stop()
 
@@ -264,20 +284,29 @@ async def test_tasks_recover_when_the_camera_restarts(tmp_path: Path, broker: Me
         )
         try:
             await subscriber.wait_count(3, timeout_s=30)
+            before = metrics_of(agent)
             cam.stop()
-            agent.wait_event(
-                "media.source_state", count=3, timeout_s=30
-            )  # connecting, running, backing off
-            await asyncio.sleep(3)
+            # Down for good: the source backed off, tried again and failed again.
+            agent.process.wait_for(lambda _: source_states(agent).count("backing off") >= 2, 30)
             seen = len(subscriber.messages)
             cam = RtspCamera(tmp_path / "cam2", port=port)
             await subscriber.wait_count(seen + 3, timeout_s=40)
+            after = metrics_of(agent)
         finally:
             agent.stop()
             cam.stop()
-    states = [e["state"] for e in agent.events("media.source_state")]
-    assert "backing off" in states
+    states = source_states(agent)
     assert states[states.index("backing off") :].count("running") >= 1
+    assert metric(before, "tunnel_agent_mqtt_connected") == 1
+    assert metric(before, "tunnel_agent_media_source_up", camera="c") == 1
+    reconnects = "tunnel_agent_media_source_reconnects_total"
+    assert (metric(after, reconnects, camera="c") or 0) > (
+        metric(before, reconnects, camera="c") or 0
+    )
+    packets = metric(after, "tunnel_agent_media_source_packets_total", camera="c")
+    assert packets is not None and packets > 30
+    published = metric(after, "tunnel_agent_mqtt_messages_total", outcome="published")
+    assert published is not None and published >= len(subscriber.messages) - 1
 
 
 async def test_a_frozen_camera_trips_the_watchdog(tmp_path: Path) -> None:
@@ -330,20 +359,24 @@ async def test_broker_outage_is_bounded_counted_and_recovered(
     try:
         async with Subscriber(server.port, "outage/s") as subscriber:
             await subscriber.wait_count(4, timeout_s=30)
+        assert metric(metrics_of(agent), "tunnel_agent_mqtt_connected") == 1
         rss_before = psutil.Process(agent.process.pid).memory_info().rss
         server.stop()
-        await asyncio.sleep(20)
+        # 40 images dropped: at 4 images/s, about 12 s of outage beyond the 8 queued.
+        agent.process.wait_for(lambda _: mqtt_counter(agent, "dropped_queue_full") >= 40, 60)
         rss_after = psutil.Process(agent.process.pid).memory_info().rss
+        during = metrics_of(agent)
         server.start()
         async with Subscriber(server.port, "outage/s") as subscriber:
             await subscriber.wait_count(4, timeout_s=40)
     finally:
         agent.stop()
         server.stop()
-    assert rss_after - rss_before < 16 * 2**20  # 20 s at 4 images/s did not pile up
-    status = agent.events("media.mqtt_status")[-1]
-    assert int(status["dropped_queue_full"]) >= 40
-    assert int(status["connects"]) >= 2
+    assert rss_after - rss_before < 16 * 2**20  # the outage did not pile images up
+    assert metric(during, "tunnel_agent_mqtt_connected") == 0
+    dropped = metric(during, "tunnel_agent_mqtt_messages_total", outcome="dropped_queue_full")
+    assert dropped is not None and dropped >= 40
+    assert int(agent.events("media.mqtt_status")[-1]["connects"]) >= 2
 
 
 async def test_images_too_large_for_the_broker_are_counted_not_sent(
@@ -435,7 +468,13 @@ async def test_http_snapshot_source_with_basic_and_digest_auth(tmp_path: Path) -
             )
         finally:
             agent.stop()
-        assert basic.unauthorized_then_ok and digest.unauthorized_then_ok
+        # Each camera challenged the first request, then served the answers to its challenge,
+        # and the Digest camera never saw the password in clear.
+        for cam in (basic, digest):
+            assert cam.answers[0] == 401 and cam.answers[-1] == 200
+            served_from = cam.answers.index(200)
+            assert served_from <= 2 and set(cam.answers[served_from:]) == {200}, cam.answers
+        assert digest.basic_passwords_seen == 0
     jpgs = list((tmp_path / "digest").glob("*.jpg"))
     assert jpgs[0].read_bytes() == digest.image  # passed through, not re-encoded
 
@@ -564,8 +603,7 @@ async def test_the_tunnel_keeps_working_while_media_tasks_run(
         info = await ffprobe(f"rtsp://127.0.0.1:{session.consumer_port}/test")
         assert info["streams"][0]["codec_name"] == "h264"
     before = len(list((tmp_path / "snaps").glob("*.png")))
-    await asyncio.sleep(2)
-    assert len(list((tmp_path / "snaps").glob("*.png"))) > before  # media kept going
+    await until(lambda: len(list((tmp_path / "snaps").glob("*.png"))) > before, 20)
     assert len(agent.events("tunnel.closed")) == 3
 
 
@@ -578,8 +616,8 @@ async def test_a_second_client_resetting_the_camera_clock_does_not_stall_tasks(
     streams = [{"name": "c", "task": "clip-to-fs", "path": str(clips), "duration": 2}]
     agent = media_agent(tmp_path / "agent", [{"name": "c", "url": cam.url(), "streams": streams}])
     try:
-        agent.wait_event("media.clip_written", count=2, timeout_s=30)
-        await asyncio.sleep(4)  # let the agent's timestamps run well ahead of a fresh client's
+        # Four 2 s clips: the agent's timestamps run well ahead of a fresh client's.
+        agent.wait_event("media.clip_written", count=4, timeout_s=40)
         await asyncio.to_thread(decode_frames_for, cam.url(), 20)  # the second client
         written = len(agent.events("media.clip_written"))
         agent.wait_event("media.clip_written", count=written + 2, timeout_s=15)

@@ -41,9 +41,7 @@ def b_frame_file(folder: Path, extension: str) -> Path:
 def file_packets(path: Path) -> list[tuple[bytes, int | None, int | None, bool]]:
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        return [
-            (bytes(p), p.pts, p.dts, p.is_keyframe) for p in container.demux(stream) if p.size
-        ]
+        return [(bytes(p), p.pts, p.dts, p.is_keyframe) for p in container.demux(stream) if p.size]
 
 
 def backoff() -> Backoff:
@@ -114,9 +112,7 @@ def test_a_b_frame_file_keeps_every_packet_and_frame_across_loops(
     assert len(reference) == FRAMES
     assert any(dts is None for _, _, dts, _ in reference) or reference[0][2] < 0  # the hard case
     recorder, counter = Recorder(), FrameCounter(0)  # rate 0: every frame
-    source = run_source(
-        path, [recorder], [counter], lambda: len(counter.frames) >= LOOPS * FRAMES
-    )
+    source = run_source(path, [recorder], [counter], lambda: len(counter.frames) >= LOOPS * FRAMES)
 
     looped = recorder.packets[: LOOPS * FRAMES]
     assert [p.data for p in looped] == [data for data, *_ in reference] * LOOPS

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -64,7 +67,7 @@ def agent(
             ],
         },
         env={"HTTPS_PROXY": "", "https_proxy": "", "ALL_PROXY": "", "all_proxy": ""},
-        dns=dns,
+        wrap=dns.wrap,
     )
     try:
         runner.wait_connected()
@@ -212,6 +215,34 @@ async def test_connection_refused(agent: AgentRunner, hub: HubHarness, fresh: Fr
 
     assert status == 502
     assert_error(body, "502", url, "Connection refused by the remote endpoint")
+
+
+@pytest.fixture
+def unreachable_ip() -> Iterator[str]:
+    """An address the kernel has no route to: a route of type ``unreachable`` of this test's own.
+
+    Connecting to it fails at once with "No route to host" and no packet leaves the machine. The
+    link-local /32 is picked per process (clear of 169.254.169.x) and the route always removed.
+    """
+    address = f"169.254.{170 + os.getpid() % 50}.{next(_unreachable_hosts)}/32"
+    subprocess.run(["ip", "route", "add", "unreachable", address], check=True, timeout=10)
+    try:
+        yield address.removesuffix("/32")
+    finally:
+        subprocess.run(["ip", "route", "del", "unreachable", address], check=False, timeout=10)
+
+
+_unreachable_hosts = itertools.count(1)
+
+
+async def test_unreachable_endpoint(
+    agent: AgentRunner, hub: HubHarness, fresh: FreshCamera, unreachable_ip: str
+) -> None:
+    url = f"wss://{unreachable_ip}/t"
+    status, body, _ = await open_tunnel(hub, url, "t", fresh.port)
+
+    assert status == 502
+    assert_error(body, "502", url, "Could not connect to the remote endpoint")
 
 
 async def test_handshake_that_never_completes_times_out(

@@ -78,9 +78,10 @@ async def test_ffprobe_sees_h264_through_the_tunnel(
     closed = agent.wait_event("tunnel.closed")[0]
     assert closed["tunnel"] == body["tunnelId"]
     assert closed["camera"] == "lobby"
-    # Every byte the consumer got came through the agent, and the other way round.
+    # Every byte the consumer got came through the agent (all it sent, but what was still in
+    # flight when the consumer hung up), and every byte the consumer sent reached the camera.
     assert session.counters.to_consumer > 2_000
-    assert int(closed["bytes_to_remote"]) == session.counters.to_consumer
+    assert int(closed["bytes_to_remote"]) >= session.counters.to_consumer
     assert int(closed["bytes_to_camera"]) == session.counters.to_device > 100
 
 

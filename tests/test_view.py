@@ -1,212 +1,132 @@
 """Watching a camera in the browser through the relay, in real headless Chromium.
 
 The whole path is real: devhub (IoT Hub emulator) -> agent -> gst-rtsp-server camera, the relay
-calling ``tunnelOpen``, PyAV remuxing to fragmented MP4, MSE in Chromium. Browsers are started once
-per module (two of them, for the two-viewer tests) and pages are reopened per test.
+with its session API calling ``tunnelOpen``, PyAV remuxing to fragmented MP4, MSE in Chromium.
+Sessions are made through ``POST /v1/sessions`` as a user makes them, and the page is opened from
+the ``viewUrl`` of the answer. Browsers are started once per module (two of them, for the
+two-viewer tests) and pages are reopened per test.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import dataclasses
 import json
-import logging
 import os
+import re
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import av
 import pytest
-from aiohttp import web
 
-from tests.conftest import camera_entry
-from tests.support.agent import AgentRunner
 from tests.support.browser import Browser, available
 from tests.support.camera import RtspCamera
-from tests.support.net import free_port, fresh_loopback_ip
+from tests.support.relay_bed import (
+    AGENT_DEVICE,
+    API_KEY,
+    OFFLINE_DEVICE,
+    RelayBed,
+    call_api,
+    start_bed,
+)
 from tests.support.threadloop import ThreadLoop
 from tests.support.waiting import until
-from tunnel_agent.cloud.devhub.hub import DevHub
-from tunnel_agent.cloud.relay.runner import RunningRelay, start_relay
-from tunnel_agent.cloud.relay.settings import RelaySettings
-from tunnel_agent.cloud.relay.view.watch import ViewLimits, WatchTarget
-from tunnel_agent.cloud.relay.view.web import ViewService, ViewSession
+from tunnel_agent.cloud.relay.runner import RunningRelay
+from tunnel_agent.cloud.relay.sessions import Verdict
+from tunnel_agent.cloud.relay.view.extension import ViewExtension
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not available(), reason="needs Debian's chromium and chromium-driver"),
 ]
-API_KEY = "view-api-key-0123456789"
 CAMERA_SIZE = (640, 360)
-LIMITS = ViewLimits(
-    grace_s=2.0,
-    queue_bytes=256 * 1024,
-    socket_send_buffer_bytes=64 * 1024,
-    send_stall_s=3.0,
-    retry_max_s=4.0,
-)
-
-
-class RawRecords(logging.Handler):
-    """Log records as produced, before scrubbing: proof that tokens are never logged."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(f"{record.name} {record.getMessage()} {getattr(record, 'fields', '')}")
-
-    def events(self, name: str) -> list[str]:
-        return [line for line in self.lines if f" {name} " in line]
+CAMERA_PASSWORD = "cam-Pa55-word"
 
 
 @dataclass
 class Bed:
-    folder: Path
-    devhub: DevHub
+    cloud: RelayBed
     relay: RunningRelay
-    agent: AgentRunner
-    camera: RtspCamera
-    h265_camera: RtspCamera
-    servers: ThreadLoop
-    records: RawRecords
-    view: ViewService
-    view_port: int
-    routes: dict[str, Any] = field(default_factory=dict)
-    sessions: dict[str, ViewSession] = field(default_factory=dict)
+
+    @property
+    def view(self) -> ViewExtension:
+        return next(e for e in self.relay.extensions if isinstance(e, ViewExtension))
 
     @property
     def base(self) -> str:
-        return f"https://127.0.0.1:{self.view_port}"
+        return f"https://127.0.0.1:{self.relay.port}"
+
+    @property
+    def camera(self) -> RtspCamera:
+        return self.cloud.cameras["plain"]
 
     def tls(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.devhub.ca.cert_file))
+        return self.cloud.tls()
 
-    def session(
-        self, route: str, *, rtsp_path: str = "/test", expires_in_s: float | None = 600
-    ) -> tuple[str, str]:
-        """A watchable session on one of the relay's routes: (session id, token)."""
-        session_id = base64.b32encode(os.urandom(5)).decode().lower()
-        token = base64.urlsafe_b64encode(os.urandom(24)).decode()
-        relay_route = self.routes[route]
-        target = WatchTarget(session_id, relay_route.device_id, relay_route.local_port, rtsp_path)
+    def api(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        return self.cloud.servers.run(call_api(self.cloud, self.relay, method, path, **kwargs))
 
-        async def join(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await self.relay.relay._consumer(relay_route, reader, writer)
-
-        expires_at = None if expires_in_s is None else time.time() + expires_in_s
-        self.sessions[session_id] = ViewSession(target, token, expires_at, join)
-        return session_id, token
-
-    def view_url(self, session_id: str, token: str) -> str:
-        return f"{self.base}/v1/sessions/{session_id}/view#token={token}"
+    def session(self, camera: str = "plain", **body: Any) -> dict[str, Any]:
+        """A session made through the API, as the index page or a script makes it."""
+        fields = {
+            "deviceId": AGENT_DEVICE,
+            "localPort": self.cloud.camera_port(camera),
+            "rtspPath": "/test",
+            **body,
+        }
+        status, answer = self.api("POST", "/v1/sessions", body=fields)
+        assert status == 201, answer
+        return answer  # type: ignore[no-any-return]
 
     def tunnels_opened(self) -> int:
         """tunnelOpen calls the device answered (opened, repeated or failed), from its own log."""
-        events = ("tunnel.opened", "tunnel.open_repeated", "tunnel.open_failed")
-        return sum(len(self.agent.events(name)) for name in events)
+        return self.cloud.device_calls()
 
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory, servers: ThreadLoop) -> Iterator[Bed]:
     folder = tmp_path_factory.mktemp("view")
-    records = RawRecords()
-    logging.getLogger().addHandler(records)
-    logging.getLogger().setLevel(logging.INFO)
-    camera = RtspCamera(folder / "camera")
-    h265_camera = RtspCamera(folder / "camera-h265", extra=["--codec", "h265"])
-    hub_host = fresh_loopback_ip()
-    devhub = DevHub(folder / "devhub", f"{hub_host}:{free_port(hub_host)}")
-    servers.run(devhub.start())
-    devhub.add_device("view-cam")
-    devhub.add_device("view-offline")
-    agent = AgentRunner(
-        folder / "agent",
-        {
-            "hub": {
-                "connection_string": devhub.connection_string("view-cam"),
-                "ca_file": str(devhub.ca.cert_file),
-            },
-            "tunnel": {"ca_file": str(devhub.ca.cert_file)},
-            "cameras": [camera_entry(camera), camera_entry(h265_camera, name="hevc")],
-        },
+    cameras = {
+        "plain": RtspCamera(folder / "camera"),
+        "hevc": RtspCamera(folder / "camera-h265", extra=["--codec", "h265"]),
+        "digest": RtspCamera(
+            folder / "camera-digest", user="viewer", password=CAMERA_PASSWORD, auth="digest"
+        ),
+    }
+    cloud = start_bed(folder, servers, cameras)
+    relay = cloud.start_relay(
+        view_grace_period=2.0,
+        max_viewers_per_session=3,
+        # Many viewers and wrong tokens from 127.0.0.1 on purpose: the limits have own tests.
+        max_connections_per_source=64,
+        new_connections_burst=500,
+        new_connections_per_second=100,
+        auth_failures_burst=1000,
     )
-    relay_port = free_port()
-    tls = devhub.ca.issue("relay", ["127.0.0.1"])
-    route_ports = {"cam": free_port(), "hevc": free_port(), "offline": free_port()}
-    settings = RelaySettings.model_validate(
-        {
-            "relay": {
-                "listen": f"127.0.0.1:{relay_port}",
-                "public_url": f"wss://127.0.0.1:{relay_port}",
-                "cert_file": tls.cert_file,
-                "key_file": tls.key_file,
-                "api_key": API_KEY,
-                "method_timeout": 5,
-            },
-            "iothub": {
-                "service_connection_string": devhub.service_connection_string,
-                "ca_file": devhub.ca.cert_file,
-            },
-            "routes": [
-                {
-                    "listen": f"127.0.0.1:{route_ports['cam']}",
-                    "device_id": "view-cam",
-                    "local_port": camera.port,
-                    "name": "cam",
-                },
-                {
-                    "listen": f"127.0.0.1:{route_ports['hevc']}",
-                    "device_id": "view-cam",
-                    "local_port": h265_camera.port,
-                    "name": "hevc",
-                },
-                {
-                    "listen": f"127.0.0.1:{route_ports['offline']}",
-                    "device_id": "view-offline",
-                    "local_port": 554,
-                    "name": "offline",
-                },
-            ],
-        }
+    bed = Bed(cloud, relay)
+    # Smaller than the defaults, so that a silent viewer and a camera restart show up sooner.
+    service = bed.view.service
+    service.limits = dataclasses.replace(
+        service.limits,
+        queue_bytes=256 * 1024,
+        socket_send_buffer_bytes=64 * 1024,
+        send_stall_s=3.0,
+        retry_max_s=4.0,
     )
-    relay = servers.run(start_relay(settings))
-    sessions: dict[str, ViewSession] = {}
-    view = ViewService(sessions.get, LIMITS)
-    view_port = free_port()
-
-    async def serve() -> web.AppRunner:
-        app = web.Application()
-        view.add_routes(app)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-        await web.TCPSite(runner, "127.0.0.1", view_port, ssl_context=context).start()
-        return runner
-
-    runner = servers.run(serve())
-    agent.wait_connected()
-    servers.run(devhub.wait_device("view-cam", 20))
-    bed = Bed(folder, devhub, relay, agent, camera, h265_camera, servers, records, view, view_port)
-    bed.routes = dict(relay.relay.routes)
-    bed.sessions = sessions
     yield bed
-    servers.run(view.close())
-    servers.run(runner.cleanup())
-    agent.stop()
-    servers.run(relay.stop())
-    servers.run(devhub.stop())
-    bed.camera.stop()
-    h265_camera.stop()
-    logging.getLogger().removeHandler(records)
+    cloud.close()
+    for camera in cameras.values():
+        camera.stop()
 
 
 @pytest.fixture(scope="module")
@@ -232,9 +152,12 @@ def blank(browser: Browser, second_browser: Browser) -> Iterator[None]:
 
 
 def test_the_page_plays_the_camera(bed: Bed, browser: Browser, blank: None, tmp_path: Path) -> None:
-    session_id, token = bed.session("cam")
+    session = bed.session()
+    assert session["viewUrl"] == (
+        f"{bed.base}/v1/sessions/{session['id']}/view#token={session['token']}"
+    )
 
-    browser.open(bed.view_url(session_id, token))
+    browser.open(session["viewUrl"])
     first, last = browser.wait_playing(3.0)
 
     assert (last["width"], last["height"]) == CAMERA_SIZE
@@ -246,57 +169,85 @@ def test_the_page_plays_the_camera(bed: Bed, browser: Browser, blank: None, tmp_
     print(f"screenshot of the playing page: {screenshot}")
     problems = [e["message"] for e in browser.driver.get_log("browser") if e["level"] == "SEVERE"]
     assert problems == []  # no CSP violation, no failed resource
-    assert not any(token in line for line in bed.records.lines)
+    assert not any(session["token"] in line for line in bed.cloud.records.lines)
 
 
 def test_two_viewers_share_one_tunnel(
     bed: Bed, browser: Browser, second_browser: Browser, blank: None
 ) -> None:
-    session_id, token = bed.session("cam")
+    session = bed.session()
     before = bed.tunnels_opened()
 
-    browser.open(bed.view_url(session_id, token))
+    browser.open(session["viewUrl"])
     browser.wait_playing(1.0)
-    second_browser.open(bed.view_url(session_id, token))
+    second_browser.open(session["viewUrl"])
     second_browser.wait_playing(3.0)
     browser.wait_playing(3.0)
 
     for chromium in (browser, second_browser):
         assert chromium.wait(lambda s: s["shownViewers"] == "2")["width"] == CAMERA_SIZE[0]
     assert bed.tunnels_opened() == before + 1
-    assert bed.view.watches[session_id].gate.connections == 1
+    assert bed.view.service.watches[session["id"]].links_opened == 1
 
 
-def test_wrong_or_expired_token_shows_why_and_opens_no_tunnel(
+def test_refused_expired_and_revoked_links_say_why_and_open_no_tunnel(
     bed: Bed, browser: Browser, blank: None
 ) -> None:
-    session_id, token = bed.session("cam")
-    expired_id, expired_token = bed.session("cam", expires_in_s=-1)
+    good = bed.session()
+    expiring = bed.session(ttl=1)
+    revoked = bed.session()
+    assert bed.api("DELETE", f"/v1/sessions/{revoked['id']}")[0] == 204
+    relay = bed.relay.relay
+    until_expired = time.monotonic() + 10
+    while relay.sessions.check(expiring["id"], None, "", time.monotonic())[0] != Verdict.EXPIRED:
+        assert time.monotonic() < until_expired, "the session never expired"
+        time.sleep(0.1)
     before = bed.tunnels_opened()
 
-    browser.open(bed.view_url(session_id, token[:-4] + "AAAA"))
+    browser.open(good["viewUrl"].replace(good["token"], good["token"][:-4] + "AAAA"))
     refused = browser.wait(lambda s: s["error"] == "refused")
-    browser.open(bed.view_url(expired_id, expired_token))
+    browser.open(expiring["viewUrl"])
     expired = browser.wait(lambda s: s["error"] == "expired")
+    browser.open(revoked["viewUrl"])
+    ended = browser.wait(lambda s: s["error"] == "revoked")
 
     assert "not valid" in refused["shownMessage"]
     assert "expired" in expired["shownMessage"]
-    assert session_id not in bed.view.watches and expired_id not in bed.view.watches
+    assert "revoked" in ended["shownMessage"]
+    assert not set(bed.view.service.watches) & {good["id"], expiring["id"], revoked["id"]}
     assert bed.tunnels_opened() == before
-    assert len(bed.records.events("view.viewer_refused")) >= 2
+    assert len(bed.cloud.records.events("view.viewer_refused")) >= 3
+
+
+def test_an_offline_device_is_explained(bed: Bed, browser: Browser, blank: None) -> None:
+    session = bed.session(deviceId=OFFLINE_DEVICE, localPort=554)
+
+    browser.open(session["viewUrl"])
+    shown = browser.wait(lambda s: "offline" in (s["shownMessage"] or ""), 30)
+
+    assert "the device is offline" in shown["shownMessage"] and shown["width"] == 0
+
+
+def test_a_camera_without_that_stream_is_explained(bed: Bed, browser: Browser, blank: None) -> None:
+    session = bed.session(rtspPath="/no-such-stream")
+
+    browser.open(session["viewUrl"])
+    shown = browser.wait(lambda s: "no stream at this path" in (s["shownMessage"] or ""), 30)
+
+    assert shown["width"] == 0 and "Retrying" in shown["shownMessage"]
 
 
 def test_the_page_plays_again_after_a_camera_restart(
     bed: Bed, browser: Browser, blank: None
 ) -> None:
-    session_id, token = bed.session("cam")
-    browser.open(bed.view_url(session_id, token))
+    session = bed.session()
+    browser.open(session["viewUrl"])
     playing = browser.wait_playing(1.0)[1]
 
-    port = bed.camera.port
-    bed.camera.stop()
+    camera = bed.camera
+    camera.stop()
     browser.wait(lambda s: s["state"] != "live" or "unavailable" in s["shownState"], 30)
-    bed.camera = RtspCamera(bed.folder / "camera", port=port)
+    bed.cloud.cameras["plain"] = RtspCamera(bed.cloud.folder / "camera", port=camera.port)
     again = browser.wait(lambda s: (s["generation"] or 0) > playing["generation"], 60)
     start = again["currentTime"]
     browser.wait(lambda s: s["currentTime"] >= start + 2.0 and s["width"] == CAMERA_SIZE[0], 30)
@@ -336,13 +287,18 @@ class SilentViewer:
 def test_a_viewer_that_stops_reading_does_not_stall_another(
     bed: Bed, browser: Browser, blank: None
 ) -> None:
-    session_id, token = bed.session("cam")
-    browser.open(bed.view_url(session_id, token))
+    session = bed.session()
+    browser.open(session["viewUrl"])
     browser.wait_playing(1.0)
-    left_before = len(bed.records.events("view.viewer_left"))
+    records = bed.cloud.records
+    left_before = len(records.events("view.viewer_left"))
 
     silent = SilentViewer(
-        "127.0.0.1", bed.view_port, f"/v1/sessions/{session_id}/live", token, bed.tls()
+        "127.0.0.1",
+        bed.relay.port,
+        f"/v1/sessions/{session['id']}/live",
+        session["token"],
+        bed.tls(),
     )
     try:
         browser.wait(lambda s: s["shownViewers"] == "2")
@@ -350,10 +306,10 @@ def test_a_viewer_that_stops_reading_does_not_stall_another(
         deadline = time.monotonic() + 60
         while not [
             line
-            for line in bed.records.events("view.viewer_left")[left_before:]
+            for line in records.events("view.viewer_left")[left_before:]
             if "too slow" in line or "socket stalled" in line
         ]:
-            assert time.monotonic() < deadline, bed.records.events("view.viewer_left")
+            assert time.monotonic() < deadline, records.events("view.viewer_left")
             time.sleep(0.2)
         after = browser.wait_playing(2.0)[1]
     finally:
@@ -361,38 +317,78 @@ def test_a_viewer_that_stops_reading_does_not_stall_another(
 
     assert last["currentTime"] - first["currentTime"] >= 4.0
     assert after["width"] == CAMERA_SIZE[0] and after["state"] == "live"
-    assert bed.records.events("view.viewer_behind") or bed.records.events("view.viewer_left")
+    assert records.events("view.viewer_behind") or records.events("view.viewer_left")
 
 
 async def test_snapshot_answers_a_jpeg_of_the_camera_size(bed: Bed) -> None:
-    session_id, token = bed.session("cam")
-    url = f"{bed.base}/v1/sessions/{session_id}/snapshot.jpg"
+    session = bed.session()
+    url = f"{bed.base}/v1/sessions/{session['id']}/snapshot.jpg"
     async with aiohttp.ClientSession() as client:
         async with client.get(url, ssl=bed.tls()) as response:
             assert response.status == 401
         bad = {"Authorization": "Bearer not-the-token"}
         async with client.get(url, headers=bad, ssl=bed.tls()) as response:
             assert response.status == 401
-        good = {"Authorization": f"Bearer {token}"}
+        good = {"Authorization": f"Bearer {session['token']}"}
         async with client.get(url, headers=good, ssl=bed.tls()) as response:
             assert response.status == 200
             assert response.content_type == "image/jpeg"
             jpeg = await response.read()
 
-    path = Path(bed.folder) / f"snapshot-{session_id}.jpg"
+    assert _jpeg_size(bed, session["id"], jpeg) == CAMERA_SIZE
+
+
+async def test_camera_credentials_reach_the_camera_and_no_log_or_answer(bed: Bed) -> None:
+    status, refused = await call_api(
+        bed.cloud,
+        bed.relay,
+        "POST",
+        "/v1/sessions",
+        body={"deviceId": AGENT_DEVICE, "localPort": 554, "rtspPassword": "x" * 20},
+    )
+    assert status == 400 and "rtspPassword needs rtspUsername" in refused["error"]
+    status, refused = await call_api(
+        bed.cloud,
+        bed.relay,
+        "POST",
+        "/v1/sessions",
+        body={"deviceId": AGENT_DEVICE, "localPort": 554, "rtspPath": "no-slash"},
+    )
+    assert status == 400 and "rtspPath" in refused["error"]
+    session = bed.session("digest", rtspUsername="viewer", rtspPassword=CAMERA_PASSWORD)
+    url = f"{bed.base}/v1/sessions/{session['id']}/snapshot.jpg"
+    headers = {"Authorization": f"Bearer {session['token']}"}
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(url, headers=headers, ssl=bed.tls()) as response,
+    ):
+        assert response.status == 200, await response.text()
+        jpeg = await response.read()
+    status, listing = await call_api(bed.cloud, bed.relay, "GET", "/v1/sessions")
+
+    assert _jpeg_size(bed, session["id"], jpeg) == CAMERA_SIZE
+    assert CAMERA_PASSWORD not in json.dumps([session, listing])
+    assert not any(CAMERA_PASSWORD in line for line in bed.cloud.records.lines)
+    listed = next(s for s in listing["sessions"] if s["id"] == session["id"])
+    assert listed["viewUrl"] == f"{bed.base}/v1/sessions/{session['id']}/view"  # no token
+    assert listed["rtspPath"] == "/test"
+
+
+def _jpeg_size(bed: Bed, name: str, jpeg: bytes) -> tuple[int, int]:
+    path = Path(bed.cloud.folder) / f"snapshot-{name}.jpg"
     path.write_bytes(jpeg)
     with av.open(str(path)) as image:
         frame = next(image.decode(video=0))
-    assert (frame.width, frame.height) == CAMERA_SIZE
+    return frame.width, frame.height
 
 
 def test_h265_the_browser_cannot_play_is_explained(bed: Bed, browser: Browser, blank: None) -> None:
     supported = browser.run(
         "return MediaSource.isTypeSupported('video/mp4; codecs=\"hvc1.1.6.L63.90\"')"
     )
-    session_id, token = bed.session("hevc")
+    session = bed.session("hevc")
 
-    browser.open(bed.view_url(session_id, token))
+    browser.open(session["viewUrl"])
     if supported:
         browser.wait_playing(2.0)
     else:
@@ -415,18 +411,87 @@ async def test_pages_carry_a_strict_content_security_policy(bed: Bed) -> None:
                 assert response.status == 404
 
 
-async def test_session_end_closes_its_viewers_watch(bed: Bed) -> None:
-    session_id, token = bed.session("cam")
-    url = f"wss://127.0.0.1:{bed.view_port}/v1/sessions/{session_id}/live"
+async def test_a_revoked_session_closes_its_viewers_watch(bed: Bed) -> None:
+    session = bed.session()
+    session_id = session["id"]
+    url = f"wss://127.0.0.1:{bed.relay.port}/v1/sessions/{session_id}/live"
+    watches = bed.view.service.watches
     async with aiohttp.ClientSession() as client, client.ws_connect(url, ssl=bed.tls()) as ws:
-        await ws.send_str(json.dumps({"type": "auth", "token": token}))
+        await ws.send_str(json.dumps({"type": "auth", "token": session["token"]}))
         first = json.loads((await ws.receive(timeout=10)).data)
         assert first["type"] == "status"
-        await until(lambda: session_id in bed.view.watches, timeout_s=10)
-        await bed.servers.call(bed.view.session_closed(session_id))
+        await until(lambda: session_id in watches, timeout_s=10)
+        status, _ = await call_api(bed.cloud, bed.relay, "DELETE", f"/v1/sessions/{session_id}")
+        assert status == 204
         while (message := await ws.receive(timeout=10)).type == aiohttp.WSMsgType.BINARY or (
             message.type == aiohttp.WSMsgType.TEXT and '"error"' not in message.data
         ):
             pass
-        assert message.type == aiohttp.WSMsgType.TEXT and "session closed" in message.data
-    assert session_id not in bed.view.watches
+        assert message.type == aiohttp.WSMsgType.TEXT
+        assert json.loads(message.data)["code"] == "revoked"
+    await until(lambda: session_id not in watches, timeout_s=10)
+
+
+def test_the_index_page_lists_a_session_made_through_the_api(
+    bed: Bed, browser: Browser, blank: None
+) -> None:
+    session = bed.session()
+
+    browser.open(bed.base + "/")
+    browser.driver.find_element("id", "api-key").send_keys(API_KEY)
+    browser.driver.find_element("css selector", "#key-form button[type=submit]").click()
+    row = "#sessions tr[data-session-id='{}']".format(session["id"])
+    deadline = time.monotonic() + 20
+    while not browser.driver.find_elements("css selector", row):
+        assert time.monotonic() < deadline, browser.driver.find_element("id", "error").text
+        time.sleep(0.1)
+    cells = [c.text for c in browser.driver.find_elements("css selector", row + " td")]
+    stored = browser.run("return Object.values(sessionStorage)")
+
+    assert cells[:3] == [session["id"], AGENT_DEVICE, str(bed.cloud.camera_port())]
+    assert API_KEY in stored and API_KEY not in browser.driver.current_url
+
+
+def test_demo_keep_running_prints_a_view_link_that_plays(
+    browser: Browser, blank: None, tmp_path: Path
+) -> None:
+    demo = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tunnel_agent",
+            "demo",
+            "--seconds",
+            "2",
+            "--keep-running",
+            "--output",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert demo.stdout is not None
+        seen: list[str] = []
+        deadline = time.monotonic() + 120
+        link = None
+        while link is None:
+            assert time.monotonic() < deadline and demo.poll() is None, "".join(seen)
+            line = demo.stdout.readline()
+            seen.append(line)
+            if "watch in a browser" in line:
+                link = line.split()[-1]
+
+        assert re.fullmatch(r"https://127\.0\.0\.1:\d+/v1/sessions/\w+/view#token=\S+", link)
+        browser.open(link)
+        _, last = browser.wait_playing(2.0)
+        assert (last["width"], last["height"]) == CAMERA_SIZE
+    finally:
+        demo.send_signal(signal.SIGINT)
+        try:
+            demo.wait(30)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+            demo.wait(10)
+    assert demo.returncode == 0

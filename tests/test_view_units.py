@@ -13,6 +13,7 @@ from pathlib import Path
 import av
 import pytest
 
+from tunnel_agent.cloud.relay.view import fanout
 from tunnel_agent.cloud.relay.view.boxes import (
     BoxSplitter,
     aac_codec_string,
@@ -21,8 +22,13 @@ from tunnel_agent.cloud.relay.view.boxes import (
     hevc_codec_string,
 )
 from tunnel_agent.cloud.relay.view.fanout import GopCache, Offer, ViewerQueue
-from tunnel_agent.cloud.relay.view.remux import CameraStreamError, remux, usable_dts
-from tunnel_agent.cloud.relay.view.segments import Fragment, InitSegment, Keyframe
+from tunnel_agent.cloud.relay.view.remux import remux, usable_dts
+from tunnel_agent.cloud.relay.view.segments import (
+    CameraStreamError,
+    Fragment,
+    InitSegment,
+    Keyframe,
+)
 from tunnel_agent.cloud.relay.view.snapshot import keyframe_to_jpeg
 
 FPS = 15
@@ -102,7 +108,9 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return made
 
 
-def test_h264_remux_gives_one_init_and_a_fragment_per_frame(clips: dict[str, Path]) -> None:
+def test_h264_remux_gives_one_init_then_fragments_cut_at_keyframes(
+    clips: dict[str, Path],
+) -> None:
     sink = remux_file(clips["h264"])
 
     assert len(sink.inits) == 1
@@ -113,9 +121,10 @@ def test_h264_remux_gives_one_init_and_a_fragment_per_frame(clips: dict[str, Pat
     assert video is not None and (video.width, video.height) == (320, 240)
     assert video.codec.startswith("avc1.64")  # High profile, as libx264 encodes by default
     assert init.info.mime_type == f'video/mp4; codecs="{video.codec}"'
-    assert len(sink.fragments) == 20
+    # 15 fps, a keyframe every 5 frames, a fragment every 0.1 s: frames 2 + 2 + 1 per GOP.
+    assert len(sink.fragments) == 12
     assert all(f.data[4:8] == b"moof" for f in sink.fragments)
-    assert [i for i, f in enumerate(sink.fragments) if f.keyframe] == [0, 5, 10, 15]
+    assert [i for i, f in enumerate(sink.fragments) if f.keyframe] == [0, 3, 6, 9]
     assert len(sink.keyframes) == 4 and sink.keyframes[-1].sequence == 4
 
 
@@ -135,7 +144,7 @@ def test_h265_is_tagged_hvc1_with_its_rfc6381_string(clips: dict[str, Path]) -> 
     assert video is not None
     assert video.codec.startswith("hvc1.1.6.L")  # Main profile, compatibility flags 1 and 2
     assert sink.inits[0].video_codec == "hevc"
-    assert [i for i, f in enumerate(sink.fragments) if f.keyframe][:2] == [0, 5]
+    assert [i for i, f in enumerate(sink.fragments) if f.keyframe][:2] == [0, 3]
 
 
 def test_a_stream_without_playable_video_is_refused_with_a_reason(tmp_path: Path) -> None:
@@ -178,7 +187,7 @@ def test_moov_and_moof_reading(clips: dict[str, Path]) -> None:
     track = info.video.track_id
     moofs = [f.data[: int.from_bytes(f.data[:4], "big")] for f in sink.fragments]
 
-    assert [fragment_starts_with_sync(m, track) for m in moofs[:6]] == [True] + [False] * 4 + [True]
+    assert [fragment_starts_with_sync(m, track) for m in moofs[:4]] == [True, False, False, True]
     assert not fragment_starts_with_sync(moofs[0], track + 1)  # not the video track
 
 
@@ -279,6 +288,19 @@ def test_a_slow_viewer_skips_to_the_next_keyframe_and_is_dropped_if_it_stays_slo
     queue.offer(frag(False), 3)
     assert queue.offer(frag(False), 3) is Offer.DISCONNECT  # third overflow within the window
     assert queue.fragments_dropped > 0 and queue.fragments_skipped == 1
+
+
+def test_queued_fragments_leave_as_one_message_up_to_a_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fanout, "MAX_MESSAGE_BYTES", 250)
+    queue = ViewerQueue(max_bytes=1000)
+    gop = [frag(True, 100), frag(False, 100), frag(False, 100)]
+    queue.start(init_segment(), gop, "A")
+    queue.offer(late := frag(False, 100), 0)
+
+    assert drain(queue) == ["A", b"INIT", gop[0].data + gop[1].data, gop[2].data + late.data]
+    assert queue.queued_bytes == 0 and len(queue) == 0
 
 
 def test_overflows_outside_the_window_are_forgiven() -> None:

@@ -6,6 +6,9 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 async def wait_any(*events: asyncio.Event) -> None:
@@ -18,31 +21,31 @@ async def wait_any(*events: asyncio.Event) -> None:
             waiter.cancel()
 
 
-async def in_daemon_thread(function: Callable[[], object], name: str) -> None:
-    """Run a blocking call in a thread of its own that never holds up the process's exit.
+async def in_daemon_thread(work: Callable[[], T], name: str) -> T:
+    """Run blocking ``work`` in a thread of its own that never holds up the process's exit.
 
-    ``asyncio.to_thread`` uses the loop's executor, whose threads the interpreter waits for at
-    exit: a join that hangs there would make shutdown unbounded. Abandoned, this thread is not.
+    For third-party calls that can block for as long as they like (the IoT SDK waits on its one
+    pipeline thread, which a hung TLS handshake can hold for a minute): the caller's deadline
+    stays in force, and neither ``asyncio.run`` nor the interpreter waits for a stuck thread.
     """
     loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
+    future: asyncio.Future[T] = loop.create_future()
 
-    def settle(error: BaseException | None) -> None:
-        if done.done():
-            return
-        if error is None:
-            done.set_result(None)
-        else:
-            done.set_exception(error)
+    def report(setter: Callable[[Any], None], value: object) -> None:
+        def settle() -> None:
+            if not future.done():  # the caller may have given up (its deadline)
+                setter(value)
+
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            loop.call_soon_threadsafe(settle)
 
     def run() -> None:
-        error: BaseException | None = None
         try:
-            function()
-        except BaseException as exc:
-            error = exc
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
-            loop.call_soon_threadsafe(settle, error)
+            result = work()
+        except BaseException as exc:  # handed to the waiting coroutine
+            report(future.set_exception, exc)
+        else:
+            report(future.set_result, result)
 
     threading.Thread(target=run, name=name, daemon=True).start()
-    await done
+    return await future

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -44,6 +46,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     relay = commands.add_parser("relay", help="run the cloud-side relay")
     _add_config(relay)
+
+    connect = commands.add_parser(
+        "connect", help="a local port that leads to a relay session (for the consumer's machine)"
+    )
+    connect.add_argument("connect_url", help="the session's connectUrl (wss://.../connect)")
+    connect.add_argument(
+        "--listen", default="127.0.0.1:8554", help="local address (default 127.0.0.1:8554)"
+    )
+    connect.add_argument(
+        "--ca-file", type=Path, help="CA certificates to trust besides the system's"
+    )
+    connect.add_argument(
+        "--token-file",
+        type=Path,
+        help="file with the session token (default: the TUNNEL_AGENT_TOKEN environment variable)",
+    )
+    connect.add_argument(
+        "--allow-insecure-ws",
+        action="store_true",
+        help="accept a ws:// URL (development only: the token crosses in clear)",
+    )
+    connect.add_argument("--log-format", choices=["text", "json"], default="text")
 
     devhub = commands.add_parser("devhub", help="run the local IoT Hub emulator")
     devhub.add_argument(
@@ -105,6 +129,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_check(args.config, sys.stdout)
     if args.command == "relay":
         return _relay(args.config)
+    if args.command == "connect":
+        from tunnel_agent.consumer.cli import run_connect
+
+        return run_connect(
+            args.connect_url,
+            args.listen,
+            ca_file=args.ca_file,
+            token_file=args.token_file,
+            allow_insecure_ws=args.allow_insecure_ws,
+            log_format=args.log_format,
+        )
     if args.command == "devhub":
         return _devhub(args)
     if args.command == "snapshot":
@@ -266,6 +301,19 @@ def _run(config: Path | None, log_format: str | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
         await Agent(settings).run(stop)
+        _exit_at_once(0)
 
     asyncio.run(run())
     return 0
+
+
+def _exit_at_once(code: int) -> None:
+    """Exit now that the agent has stopped in order, without waiting for threads.
+
+    The IoT SDK's worker threads are not daemons and can sit in a blocking TLS handshake for as
+    long as the MQTT keep-alive (a minute by default): the interpreter would wait for them.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import random
 import re
+import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+import aiohttp
 import av
 import av.video.frame
 
@@ -136,6 +139,8 @@ class Demo:
         self.agent: subprocess.Popen[bytes] | None = None
         self.camera_port = free_port()
         self.route_port = free_port()
+        self.relay_port = 0
+        self.api_key = secrets.token_urlsafe(24)  # for the relay's session API, this run only
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
@@ -167,7 +172,7 @@ class Demo:
             ) from None
         self.say(f"  agent             connected as {DEVICE_ID} (log: {self.folder / 'agent.log'})")
 
-        relay_port = free_port()
+        self.relay_port = relay_port = free_port()
         tls = self.devhub.ca.issue("relay", ["127.0.0.1", "localhost"])
         route = {
             "listen": f"127.0.0.1:{self.route_port}",
@@ -180,8 +185,10 @@ class Demo:
                 "relay": {
                     "listen": f"127.0.0.1:{relay_port}",
                     "public_url": f"wss://127.0.0.1:{relay_port}",
+                    "metrics_listen": f"127.0.0.1:{free_port()}",
                     "cert_file": tls.cert_file,
                     "key_file": tls.key_file,
+                    "api_key": self.api_key,
                 },
                 "iothub": {
                     "service_connection_string": self.devhub.service_connection_string,
@@ -242,6 +249,26 @@ class Demo:
             stdin=subprocess.DEVNULL,
         )
 
+    async def view_session(self) -> dict[str, str]:
+        """A session made through the relay's API, as a user makes one: its answer has the link
+        that opens the camera in a browser."""
+        assert self.relay is not None and self.devhub is not None
+        base = f"https://127.0.0.1:{self.relay.port}"
+        body = {"deviceId": DEVICE_ID, "localPort": self.camera_port, "rtspPath": "/test"}
+        tls = ssl.create_default_context(cafile=str(self.devhub.ca.cert_file))
+        headers = {"Authorization": f"Bearer {self.api_key}"}
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
+            http.post(f"{base}/v1/sessions", json=body, headers=headers, ssl=tls) as response,
+        ):
+            answer: dict[str, str] = await response.json()
+        if response.status != 201:
+            raise DemoError(f"the relay refused a session: {response.status} {answer}")
+        key_file = self.folder / "api-key"
+        key_file.write_text(self.api_key + "\n")
+        key_file.chmod(0o600)
+        return answer
+
     async def watch(self, seconds: float) -> Playback:
         playback, stop = Playback(), threading.Event()
         url = f"rtsp://127.0.0.1:{self.route_port}/test"
@@ -264,9 +291,9 @@ class Demo:
         """One line a second: what arrived since the previous line, and the tunnel's totals."""
         to_consumer = to_device = 0
         if self.relay is not None:
-            for pending in self.relay.relay.pending.values():
-                to_consumer += pending.counters.to_consumer
-                to_device += pending.counters.to_device
+            for tunnel in self.relay.relay.tunnels.values():
+                to_consumer += tunnel.bytes_to_consumer
+                to_device += tunnel.bytes_to_device
         if playback.frames == 0:
             state = "opening the stream (RTSP DESCRIBE/SETUP/PLAY through the tunnel)"
         else:
@@ -281,8 +308,8 @@ class Demo:
 
     def summary(self, playback: Playback, snapshot: Path | None) -> bool:
         record = self.relay.relay.history[-1] if self.relay and self.relay.relay.history else None
-        pending = next(iter(self.relay.relay.pending.values()), None) if self.relay else None
-        rtt = record.open_rtt_ms if record else (pending.open_rtt_ms if pending else None)
+        live = next(iter(self.relay.relay.tunnels.values()), None) if self.relay else None
+        rtt = record.open_rtt_ms if record else (live.open_rtt_ms if live else None)
         ok = playback.error is None and playback.frames > 0
         self.say("summary")
         self.say(
@@ -343,11 +370,19 @@ async def _demo(folder: Path, seconds: float, keep_running: bool, out: TextIO) -
             snapshot.write_bytes(playback.snapshot)
         ok = demo.summary(playback, snapshot)
         if keep_running and ok:
+            session = await demo.view_session()
+            demo.say("still running; Ctrl-C stops")
+            demo.say(f"  watch in a browser  {session['viewUrl']}")
+            ca_file = demo.devhub.ca.cert_file if demo.devhub else "?"
             demo.say(
-                f"still running: open rtsp://127.0.0.1:{demo.route_port}/test in VLC or "
-                "`ffplay -rtsp_transport tcp "
-                f"rtsp://127.0.0.1:{demo.route_port}/test`; Ctrl-C stops"
+                f"    (the relay's certificate is from the demo's own CA, {ca_file}: "
+                "accept the browser's warning or trust that CA)"
             )
+            demo.say(
+                f"  sessions page       https://127.0.0.1:{demo.relay_port}/ "
+                f"(API key in {demo.folder / 'api-key'})"
+            )
+            demo.say(f"  RTSP player         rtsp://127.0.0.1:{demo.route_port}/test (VLC, ffplay)")
             await stop.wait()
         return ok
     finally:

@@ -11,16 +11,15 @@ import json
 import re
 import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
 from tests.support import toml_writer
-from tests.support.dns import SilentDns
 from tests.support.net import free_port
 from tests.support.processes import ManagedProcess
 
-_EVENT = re.compile(r"^\S+ (?P<level>[A-Z]+) (?P<logger>\S+) (?P<event>\S+)(?P<fields>.*)$")
+_EVENT = re.compile(r"^(?P<ts>\S+) (?P<level>[A-Z]+) (?P<logger>\S+) (?P<event>\S+)(?P<fields>.*)$")
 _FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
 ERROR_LEVELS = frozenset({"ERROR", "CRITICAL"})
 TRACEBACK = "Traceback (most recent call last)"
@@ -39,6 +38,7 @@ def parse_line(line: str) -> dict[str, Any] | None:
     if match is None:
         return None
     fields: dict[str, Any] = {
+        "ts": match["ts"],
         "event": match["event"],
         "level": match["level"],
         "logger": match["logger"],
@@ -73,7 +73,8 @@ class AgentRunner:
 
     ``expected_errors`` names the ERROR events this agent may log (a test that provokes them);
     ``expected_exit`` is the exit code the test expects (``None``: any, for a process the test
-    kills on purpose). With ``dns``, the agent runs on a machine whose DNS never answers.
+    kills on purpose). ``wrap`` runs the command in a changed world (``SilentDns.wrap``: no DNS;
+    ``SmallDisk.wrap``: a small disk), keeping its pid.
     """
 
     instances: ClassVar[list[AgentRunner]] = []
@@ -86,7 +87,7 @@ class AgentRunner:
         *,
         expected_errors: Iterable[str] = (),
         expected_exit: int | None = 0,
-        dns: SilentDns | None = None,
+        wrap: Callable[[list[str]], list[str]] | None = None,
     ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         if "observability" not in config:  # agents run side by side in tests: no fixed port
@@ -103,7 +104,7 @@ class AgentRunner:
         self._exit_checked = False
         command = [sys.executable, "-m", "tunnel_agent", "run", "--config", str(self.config_file)]
         self.process = ManagedProcess(
-            dns.wrap(command) if dns is not None else command,
+            wrap(command) if wrap is not None else command,
             folder / "agent.log",
             env={"PYTHONUNBUFFERED": "1", **(env or {})},
         )

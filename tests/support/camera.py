@@ -21,6 +21,7 @@ class RtspCamera:
         port: int | None = None,
         user: str | None = None,
         password: str | None = None,
+        auth: str = "basic",
         record_path: str | None = None,
         extra: list[str] | None = None,
     ) -> None:
@@ -32,7 +33,7 @@ class RtspCamera:
         self.record_path = record_path
         args = [SYSTEM_PYTHON, str(CAMERA_SCRIPT), "--host", host, "--port", str(self.port)]
         if user:
-            args += ["--user", user]
+            args += ["--user", user, "--auth", auth]
         if record_path:
             args += ["--record-path", record_path]
         args += extra or []

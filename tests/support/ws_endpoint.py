@@ -2,7 +2,8 @@
 
 A test opens a *session* (a token and a consumer TCP port), invokes tunnelOpen with the session's
 URL, and connects a consumer (ffprobe, PyAV) to the session's port: the endpoint joins the consumer
-to the device's WebSocket with the relay's own bridge and counts the bytes. Other paths answer with
+to the device's WebSocket with a plain read/send bridge (aiohttp, not the project's pump, so that
+the agent is checked against an independent peer) and counts the bytes. Other paths answer with
 a fixed HTTP status or a redirect to a session, and a raw listener accepts TCP and never answers
 (a handshake that hangs). A session can also hold its upgrade until the test releases it.
 """
@@ -16,11 +17,55 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from aiohttp import web
-
-from tunnel_agent.cloud.relay.bridge import ByteCounters, bridge
+from aiohttp import WSMsgType, web
 
 SessionHandler = Callable[[web.WebSocketResponse, "Session"], Awaitable[None]]
+READ_SIZE_BYTES = 64 * 1024
+
+
+@dataclass
+class ByteCounters:
+    to_device: int = 0
+    to_consumer: int = 0
+
+
+async def bridge(
+    ws: web.WebSocketResponse,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    counters: ByteCounters,
+) -> str:
+    """Pump bytes both ways until either side ends; return why it ended."""
+
+    async def consumer_to_device() -> str:
+        while data := await reader.read(READ_SIZE_BYTES):
+            await ws.send_bytes(data)
+            counters.to_device += len(data)
+        return "consumer closed"
+
+    async def device_to_consumer() -> str:
+        async for message in ws:
+            if message.type != WSMsgType.BINARY:
+                break
+            writer.write(message.data)
+            counters.to_consumer += len(message.data)
+            await writer.drain()
+        return f"device closed ({ws.close_code})"
+
+    tasks = [asyncio.create_task(consumer_to_device()), asyncio.create_task(device_to_consumer())]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        first = done.pop()
+        reason = first.result() if first.exception() is None else "error"
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await ws.close()
+        writer.close()
+    return reason
 
 
 @dataclass

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from azure.iot.device import X509, ProxyOptions
 from azure.iot.device.aio import IoTHubDeviceClient, ProvisioningDeviceClient
 
+from tunnel_agent.aio import in_daemon_thread
 from tunnel_agent.config.proxy import ProxyAddress
 from tunnel_agent.config.settings import HubSettings
 from tunnel_agent.tunnel.contract import MODEL_ID
 
 DPS_ASSIGNED = "assigned"
+T = TypeVar("T")
 
 
 class ProvisioningFailed(Exception):
@@ -82,50 +85,70 @@ def _x509(settings: HubSettings) -> X509:
 async def create_device_client(
     settings: HubSettings, proxy: ProxyAddress | None
 ) -> tuple[IoTHubDeviceClient, DeviceIdentity]:
-    """A client ready to connect; DPS registration (network I/O) happens here when configured."""
+    """A client ready to connect; DPS registration (network I/O) happens here when configured.
+
+    The SDK's factories wait on its one pipeline thread, which an earlier client's hung
+    handshake can hold: they run off the event loop so the caller's deadline still works.
+    """
     options = _client_options(settings, proxy)
     if settings.connection_string is not None:
         text = settings.connection_string.get_secret_value()
         fields = dict(part.split("=", 1) for part in text.split(";") if "=" in part)
-        client = IoTHubDeviceClient.create_from_connection_string(text, **options)
+        client = await _off_loop(
+            lambda: IoTHubDeviceClient.create_from_connection_string(text, **options)
+        )
         return client, DeviceIdentity(fields["HostName"], fields["DeviceId"], "sas")
     if settings.id_scope is not None:
         hostname, device_id = await provision(settings, proxy)
-        if settings.symmetric_key is not None:
-            client = IoTHubDeviceClient.create_from_symmetric_key(
-                settings.symmetric_key.get_secret_value(), hostname, device_id, **options
+        key = settings.symmetric_key
+        if key is not None:
+            client = await _off_loop(
+                lambda: IoTHubDeviceClient.create_from_symmetric_key(
+                    key.get_secret_value(), hostname, device_id, **options
+                )
             )
             return client, DeviceIdentity(hostname, device_id, "dps-sas")
-        client = IoTHubDeviceClient.create_from_x509_certificate(
-            _x509(settings), hostname, device_id, **options
+        client = await _off_loop(
+            lambda: IoTHubDeviceClient.create_from_x509_certificate(
+                _x509(settings), hostname, device_id, **options
+            )
         )
         return client, DeviceIdentity(hostname, device_id, "dps-x509")
-    assert settings.hostname is not None and settings.device_id is not None
-    client = IoTHubDeviceClient.create_from_x509_certificate(
-        _x509(settings), settings.hostname, settings.device_id, **options
+    x509_host, x509_device = settings.hostname, settings.device_id
+    assert x509_host is not None and x509_device is not None
+    client = await _off_loop(
+        lambda: IoTHubDeviceClient.create_from_x509_certificate(
+            _x509(settings), x509_host, x509_device, **options
+        )
     )
-    return client, DeviceIdentity(settings.hostname, settings.device_id, "x509")
+    return client, DeviceIdentity(x509_host, x509_device, "x509")
+
+
+async def _off_loop(work: Callable[[], T]) -> T:
+    return await in_daemon_thread(work, "hub-client-setup")
 
 
 async def provision(settings: HubSettings, proxy: ProxyAddress | None) -> tuple[str, str]:
     """Register with DPS, sending the model ID, and return (assigned hub, device id)."""
     assert settings.id_scope is not None and settings.registration_id is not None
-    options = _common_options(settings, proxy)
-    if settings.symmetric_key is not None:
-        dps = ProvisioningDeviceClient.create_from_symmetric_key(
-            provisioning_host=settings.provisioning_host,
-            registration_id=settings.registration_id,
-            id_scope=settings.id_scope,
-            symmetric_key=settings.symmetric_key.get_secret_value(),
-            **options,
+    options = {
+        **_common_options(settings, proxy),
+        "provisioning_host": settings.provisioning_host,
+        "registration_id": settings.registration_id,
+        "id_scope": settings.id_scope,
+    }
+    key = settings.symmetric_key
+    if key is not None:
+        dps = await _off_loop(
+            lambda: ProvisioningDeviceClient.create_from_symmetric_key(
+                symmetric_key=key.get_secret_value(), **options
+            )
         )
     else:
-        dps = ProvisioningDeviceClient.create_from_x509_certificate(
-            provisioning_host=settings.provisioning_host,
-            registration_id=settings.registration_id,
-            id_scope=settings.id_scope,
-            x509=_x509(settings),
-            **options,
+        dps = await _off_loop(
+            lambda: ProvisioningDeviceClient.create_from_x509_certificate(
+                x509=_x509(settings), **options
+            )
         )
     dps.provisioning_payload = {"modelId": MODEL_ID}
     async with asyncio.timeout(settings.operation_timeout):

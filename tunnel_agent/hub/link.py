@@ -21,7 +21,7 @@ from azure.iot.device import MethodRequest, MethodResponse
 from azure.iot.device.aio import IoTHubDeviceClient
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
-from tunnel_agent.aio import wait_any
+from tunnel_agent.aio import in_daemon_thread, wait_any
 from tunnel_agent.config.proxy import ProxyAddress
 from tunnel_agent.config.settings import HubSettings
 from tunnel_agent.hub.device_client import DeviceIdentity, create_device_client
@@ -62,6 +62,7 @@ class HubLink:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
+        self._loop.set_exception_handler(self._on_loop_exception)
         while not stop.is_set():
             client = await self._connect_with_backoff(stop)
             if client is None:
@@ -125,21 +126,9 @@ class HubLink:
         try:
             async with asyncio.timeout(timeout):
                 await client.connect()
-            # Both setters block while the SDK subscribes: keep them off our loop.
+            # The setters block while the SDK subscribes: keep them off our loop.
             async with asyncio.timeout(timeout):
-                await asyncio.to_thread(
-                    setattr, client, "on_connection_state_change", self._on_state_change
-                )
-                await asyncio.to_thread(
-                    setattr, client, "on_method_request_received", self._on_method_request
-                )
-                if self.desired_handler is not None:
-                    await asyncio.to_thread(
-                        setattr,
-                        client,
-                        "on_twin_desired_properties_patch_received",
-                        self._on_desired_patch,
-                    )
+                await in_daemon_thread(lambda: self._set_handlers(client), "hub-handlers")
         except BaseException:
             await self._shutdown(client)
             raise
@@ -149,6 +138,14 @@ class HubLink:
         if self.desired_handler is not None:
             self._spawn(self._sync_desired(client))
         return client
+
+    def _set_handlers(self, client: IoTHubDeviceClient) -> None:
+        setattr(client, "on_connection_state_change", self._on_state_change)  # noqa: B010
+        setattr(client, "on_method_request_received", self._on_method_request)  # noqa: B010
+        if self.desired_handler is not None:
+            setattr(  # noqa: B010
+                client, "on_twin_desired_properties_patch_received", self._on_desired_patch
+            )
 
     async def _sync_desired(self, client: IoTHubDeviceClient) -> None:
         """Patches may have been missed while offline: start from the whole desired document."""
@@ -231,6 +228,22 @@ class HubLink:
                 await client.shutdown()
         except Exception as exc:
             self.log.warning("hub.shutdown_failed", error=_describe(exc))
+
+    def _on_loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """An SDK call given up at its deadline can still fail later, when nobody awaits it.
+
+        asyncio would report that as an error with a traceback; it is expected (the link has
+        already logged the timeout and moved on), so it becomes one warning line.
+        """
+        error = context.get("exception")
+        if (
+            context.get("message") == "Future exception was never retrieved"
+            and error is not None
+            and type(error).__module__.startswith("azure.iot.device")
+        ):
+            self.log.warning("hub.abandoned_call_failed", error=type(error).__name__)
+            return
+        loop.default_exception_handler(context)
 
     # -- SDK callbacks (SDK threads) ------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """A camera's HTTP snapshot URL (JPEG over HTTP) as a source for snapshot tasks.
 
 Polled at the highest rate its tasks ask for, each request bounded by a timeout, with Basic or
-Digest authentication (whichever the camera asks for). Images go to the tasks as they are; a task
-that wants another format re-encodes.
+Digest authentication (whichever the camera asks for, once it asks). Images go to the tasks as
+they are; a task that wants another format re-encodes.
 """
 
 from __future__ import annotations
@@ -104,7 +104,11 @@ class HttpSnapshotSource(SourceBase):
 
 
 class HttpImageFetcher:
-    """GETs an image URL with a deadline, answering a Basic or a Digest challenge as asked."""
+    """GETs an image URL with a deadline, answering the camera's Basic or Digest challenge.
+
+    Credentials are sent only once the camera has asked, in the scheme it asked for (Digest when
+    it offers both): a Digest camera never sees the password in clear. The scheme is then kept.
+    """
 
     def __init__(
         self, url: str, username: str | None, password: str | None, timeout_s: float
@@ -112,7 +116,7 @@ class HttpImageFetcher:
         self.url = without_credentials(url)
         self.username, self.password = username, password
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._digest = False
+        self._scheme: str | None = None  # "basic" or "digest" once the camera has asked
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> HttpImageFetcher:
@@ -125,11 +129,10 @@ class HttpImageFetcher:
     def _open_session(self) -> aiohttp.ClientSession:
         middlewares: tuple[Any, ...] = ()
         auth = None
-        if self.username is not None:
-            if self._digest:
-                middlewares = (aiohttp.DigestAuthMiddleware(self.username, self.password or ""),)
-            else:
-                auth = aiohttp.BasicAuth(self.username, self.password or "")
+        if self.username is not None and self._scheme == "digest":
+            middlewares = (aiohttp.DigestAuthMiddleware(self.username, self.password or ""),)
+        elif self.username is not None and self._scheme == "basic":
+            auth = aiohttp.BasicAuth(self.username, self.password or "")
         return aiohttp.ClientSession(timeout=self.timeout, auth=auth, middlewares=middlewares)
 
     async def fetch(self) -> tuple[bytes, str]:
@@ -138,12 +141,12 @@ class HttpImageFetcher:
             if self._session is None:
                 self._session = self._open_session()
             async with self._session.get(self.url) as response:
-                challenge = response.headers.get("WWW-Authenticate", "").lower()
-                if response.status == 401 and "digest" in challenge and not self._digest:
-                    self._digest = True
-                    await self._session.close()
-                    self._session = None
-                    continue
+                if response.status == 401 and self._scheme is None and self.username is not None:
+                    self._scheme = _asked_scheme(response.headers.getall("WWW-Authenticate", []))
+                    if self._scheme is not None:
+                        await self._session.close()
+                        self._session = None
+                        continue
                 if response.status != 200:
                     raise ValueError(f"HTTP {response.status}")
                 data = await _read_body(response, MAX_IMAGE_BYTES)
@@ -153,6 +156,12 @@ class HttpImageFetcher:
                 raise ValueError("the URL did not return an image")
             return data, image_format
         raise ValueError("HTTP 401")
+
+
+def _asked_scheme(challenges: list[str]) -> str | None:
+    """The scheme to answer a 401 with: Digest if offered, else Basic, else none we speak."""
+    offered = {challenge.split(" ", 1)[0].strip().lower() for challenge in challenges}
+    return next((scheme for scheme in ("digest", "basic") if scheme in offered), None)
 
 
 async def _read_body(response: aiohttp.ClientResponse, limit_bytes: int) -> bytes:

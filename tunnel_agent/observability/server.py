@@ -113,7 +113,6 @@ class ObservabilityServer:
             self.log.error("observability.answer_failed", path=path, error=type(exc).__name__)
             return HTTPStatus.INTERNAL_SERVER_ERROR, JSON, b'{"error": "internal error"}'
 
-
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT_S):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 from tunnel_agent import __version__
@@ -54,6 +55,7 @@ class TwinReporter:
         self.reported: dict[str, Any] = {}
         self._urgent: list[dict[str, Any]] = []
         self._wake = asyncio.Event()
+        self._state_due_at = 0.0
 
     def send_soon(self, patch: dict[str, Any]) -> None:
         """Queue a patch (a writable-property acknowledgement) to go out before the next round."""
@@ -61,19 +63,26 @@ class TwinReporter:
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._state_due_at = time.monotonic() + self.interval_s
         while not stop.is_set():
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wait_any(stop, self._wake), self.interval_s)
+                due_in_s = max(0.0, self._state_due_at - time.monotonic())
+                await asyncio.wait_for(wait_any(stop, self._wake), due_in_s)
             if stop.is_set() or not self.hub.connected:
                 continue
             await self.flush()
 
     async def flush(self) -> None:
+        """Acknowledgements at once; the state only when its interval has passed."""
         while self._urgent:
             if not await self.hub.report(self._urgent[0]):
                 return
             self._urgent.pop(0)
+        now = time.monotonic()
+        if now < self._state_due_at:
+            return
+        self._state_due_at = now + self.interval_s
         state = reported_state(self.agent, self.platform)
         changed = {key: value for key, value in state.items() if self.reported.get(key) != value}
         if changed and await self.hub.report(changed):

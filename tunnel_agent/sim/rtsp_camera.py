@@ -1,9 +1,10 @@
-"""A synthetic RTSP camera on GStreamer's gst-rtsp-server: H.264 test pattern, optional Basic auth.
+"""A synthetic RTSP camera on GStreamer's gst-rtsp-server: H.264 test pattern, optional Basic or
+Digest auth.
 
 Run with the system interpreter that has the GObject bindings (Debian: python3-gi and
 gir1.2-gst-rtsp-server-1.0), not a virtual environment:
 
-    /usr/bin/python3 rtsp_camera.py --port 8554 --path /test [--user U --password P]
+    /usr/bin/python3 rtsp_camera.py --port 8554 --path /test [--user U --password P [--auth digest]]
 
 ``--codec h265`` serves H.265, ``--audio`` adds an AAC track, and ``--clock`` replaces the test
 pattern with the camera's wall clock burned into the picture: the top ``CLOCK_BAND_ROWS`` rows hold
@@ -28,8 +29,9 @@ import time
 import gi
 
 gi.require_version("Gst", "1.0")
+gi.require_version("GstRtsp", "1.0")
 gi.require_version("GstRtspServer", "1.0")
-from gi.repository import Gio, GLib, Gst, GstRtspServer  # noqa: E402
+from gi.repository import Gio, GLib, Gst, GstRtsp, GstRtspServer  # noqa: E402
 
 PATTERN_SOURCE = (
     "videotestsrc is-live=true pattern={pattern} ! "
@@ -62,6 +64,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--path", default="/test")
     parser.add_argument("--user")
     parser.add_argument("--password", help="prefer the RTSP_CAMERA_PASSWORD environment variable")
+    parser.add_argument("--auth", choices=["basic", "digest"], default="basic", help="with --user")
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=360)
     parser.add_argument("--fps", type=int, default=15)
@@ -125,14 +128,19 @@ class FrameCounter:
         self.frames += 1
 
 
-def require_basic_auth(
+def require_auth(
     server: GstRtspServer.RTSPServer,
     factories: list[GstRtspServer.RTSPMediaFactory],
     user: str,
     password: str,
+    method: str,
 ) -> None:
     auth = GstRtspServer.RTSPAuth()
-    auth.add_basic(GstRtspServer.RTSPAuth.make_basic(user, password), _token("user"))
+    if method == "digest":
+        auth.add_digest(user, password, _token("user"))
+        auth.set_supported_methods(GstRtsp.RTSPAuthMethod.DIGEST)
+    else:
+        auth.add_basic(GstRtspServer.RTSPAuth.make_basic(user, password), _token("user"))
     server.set_auth(auth)
     _allow(factories, "user")
 
@@ -204,7 +212,7 @@ def main(argv: list[str]) -> int:
 
     factories = [f for f in (live, record) if f is not None]
     if args.user:
-        require_basic_auth(server, factories, args.user, password or "")
+        require_auth(server, factories, args.user, password or "", args.auth)
 
     if args.tls_cert:
         auth = server.get_auth()

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import picows
 from picows import WSParsedURL
+from python_socks import ProxyTimeoutError
+from python_socks.async_.asyncio import Proxy
 
 from tunnel_agent.config.proxy import InvalidProxy, ProxyAddress
 from tunnel_agent.logs import EventLogger
@@ -62,9 +64,18 @@ class OpeningSockets:
 
     def __init__(self) -> None:
         self._sockets: list[socket.socket] = []
+        self._through_proxy: socket.socket | None = None
+
+    def through(self, sock: socket.socket) -> None:
+        """A stream already opened through the proxy: what the next ``connect`` returns."""
+        self._sockets.append(sock)
+        self._through_proxy = sock
 
     async def connect(self, where: WSParsedURL) -> socket.socket:
         """picows's ``socket_factory``: connect to each address in turn, as asyncio would."""
+        if self._through_proxy is not None:
+            sock, self._through_proxy = self._through_proxy, None
+            return sock
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(where.host, where.port, type=socket.SOCK_STREAM)
         failure: OSError = OSError(f"no address for {where.host}")
@@ -89,6 +100,22 @@ class OpeningSockets:
         for sock in self._sockets:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+        if self._through_proxy is not None:  # never handed to a transport
+            self._through_proxy.close()
+
+
+async def proxy_tunnel(
+    proxy: ProxyAddress, host: str, port: int, timeout_s: float
+) -> socket.socket:
+    """A TCP stream to ``host:port`` through ``proxy`` (HTTP CONNECT, SOCKS4 or SOCKS5).
+
+    Opened here rather than inside the WebSocket library so that a proxy that does not answer
+    is told apart from an endpoint that does not: each has its own message.
+    """
+    sock: socket.socket = await Proxy.from_url(proxy.url()).connect(
+        dest_host=host, dest_port=port, timeout=timeout_s
+    )
+    return sock
 
 
 def request_headers(token: str, user_agent: str) -> list[tuple[str, str]]:
@@ -126,8 +153,17 @@ async def connect_tunnel(
             raise TunnelError(
                 BAD_GATEWAY, endpoint.display, "Proxy setting in the environment is invalid"
             ) from None
+        in_proxy = False
         try:
             async with asyncio.timeout(options.handshake_timeout_s):
+                if proxy is not None:
+                    in_proxy = True
+                    sockets.through(
+                        await proxy_tunnel(
+                            proxy, endpoint.host, endpoint.port, options.handshake_timeout_s
+                        )
+                    )
+                    in_proxy = False
                 await picows.ws_connect(
                     lambda: tunnel.remote,
                     endpoint.url,
@@ -137,15 +173,14 @@ async def connect_tunnel(
                     max_frame_size=MAX_FRAME_BYTES,
                     extra_headers=request_headers(request.token, options.user_agent(target)),
                     max_redirects=0,
-                    proxy=proxy.url() if proxy is not None else None,
                     read_buffer_init_size=READ_BUFFER_INITIAL_BYTES,
                     logger_name="picows.tunnel",
                     socket_factory=sockets.connect,
                 )
-        except TunnelError:
-            raise
         except Exception as exc:
-            raise websocket_failure(exc, endpoint.display, via_proxy=proxy is not None) from None
+            if isinstance(exc, TimeoutError) and in_proxy:
+                exc = ProxyTimeoutError("no tunnel from the proxy in time")
+            raise websocket_failure(exc, endpoint.display, via_proxy=in_proxy) from None
     except BaseException as exc:
         tunnel.abort("open cancelled" if isinstance(exc, asyncio.CancelledError) else "open failed")
         sockets.shut()

@@ -7,7 +7,6 @@ of failure. Library messages are not passed through: they can carry URLs.
 
 from __future__ import annotations
 
-import re
 import socket
 import ssl
 from http import HTTPStatus
@@ -31,8 +30,8 @@ MSG_HANDSHAKE = "Invalid WebSocket handshake response"
 MSG_CLOSED = "Remote endpoint closed the connection during the handshake"
 MSG_OTHER = "WebSocket connection failed"
 
-_PROXY_STATUS = re.compile(r"status (\d{3})")
 _PROXY_AUTH_STATUSES = {401, 407}
+_FIRST_HTTP_STATUS = 100
 
 
 def websocket_failure(exc: BaseException, target: str, *, via_proxy: bool = False) -> TunnelError:
@@ -87,14 +86,15 @@ def _reason_phrase(status: int) -> str:
 
 
 def _proxy_message(exc: ProxyError) -> str:
-    """HTTP proxies report a status, SOCKS proxies a reply code; both are safe to show."""
-    match = _PROXY_STATUS.search(str(exc))
-    if match:
-        status = int(match.group(1))
-        kind = MSG_PROXY_AUTH if status in _PROXY_AUTH_STATUSES else MSG_PROXY_REFUSED
-        return f"{kind} (HTTP {status})"
+    """HTTP proxies answer with a status, SOCKS proxies with a reply code; both are safe to show.
+
+    SOCKS reply codes are below 100 (SOCKS5: 1-8, SOCKS4: 91-93), HTTP statuses are not.
+    """
+    code = getattr(exc, "error_code", None)
+    if isinstance(code, int) and code >= _FIRST_HTTP_STATUS:
+        kind = MSG_PROXY_AUTH if code in _PROXY_AUTH_STATUSES else MSG_PROXY_REFUSED
+        return f"{kind} (HTTP {code})"
     text = str(exc).lower()
     if "auth" in text or "password" in text:
         return f"{MSG_PROXY_AUTH} (SOCKS)"
-    code = getattr(exc, "error_code", None)
     return f"{MSG_PROXY_REFUSED} (SOCKS reply {code})" if code else MSG_PROXY_REFUSED

@@ -39,6 +39,7 @@ WRITE_BUFFER_HIGH_BYTES = 256 * 1024
 WRITE_BUFFER_LOW_BYTES = 64 * 1024
 _PING_PAYLOAD = b"tunnel-agent"
 _DATA_FRAMES = (WSMsgType.BINARY, WSMsgType.CONTINUATION, WSMsgType.TEXT)
+_MAX_CLOSE_MESSAGE_BYTES = 120  # a CLOSE frame's payload is at most 125 bytes, code included
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,14 @@ Forward = Callable[[bytes], None]
 
 
 class StreamEnd(asyncio.Protocol):
-    """A TCP connection as one end of a pump; reading stays paused until the pump starts."""
+    """A TCP connection as one end of a pump; reading stays paused until the pump starts.
 
-    def __init__(self, name: str) -> None:
+    ``on_connected``, if given, is told when the connection is made (a listener's way to decide
+    about an accepted connection, as the relay and ``connect`` do)."""
+
+    def __init__(self, name: str, on_connected: Callable[[StreamEnd], None] | None = None) -> None:
         self.name = name
+        self.on_connected = on_connected
         self.pump: Pump | None = None
         self.transport: asyncio.Transport | None = None
         self.forward: Forward = _drop
@@ -77,6 +82,8 @@ class StreamEnd(asyncio.Protocol):
         self.transport.set_write_buffer_limits(WRITE_BUFFER_HIGH_BYTES, WRITE_BUFFER_LOW_BYTES)
         self.transport.pause_reading()
         self._read_paused = True
+        if self.on_connected is not None:
+            self.on_connected(self)
 
     def data_received(self, data: bytes) -> None:
         self.forward(data)
@@ -127,7 +134,7 @@ class StreamEnd(asyncio.Protocol):
             self._read_paused = False
             self.transport.resume_reading()
 
-    def begin_close(self, code: WSCloseCode) -> None:
+    def begin_close(self, code: WSCloseCode, message: str | None = None) -> None:
         if self.transport is None:
             self.gone = True
         elif not self.gone:
@@ -242,13 +249,15 @@ class WebSocketEnd(picows.WSListener):
             self._read_paused = False
             ws.underlying_transport.resume_reading()
 
-    def begin_close(self, code: WSCloseCode) -> None:
+    def begin_close(self, code: WSCloseCode, message: str | None = None) -> None:
         ws = self.ws
         if ws is None:
             self.gone = True
         elif not ws.is_disconnected:
             if not ws.is_close_frame_sent:
-                ws.send_close(code)
+                ws.send_close(
+                    code, message.encode()[:_MAX_CLOSE_MESSAGE_BYTES] if message else None
+                )
             if self.close_received:
                 ws.disconnect(graceful=True)
             # else the peer's CLOSE completes the handshake (on_ws_frame), or the abort timer fires
@@ -259,6 +268,12 @@ class WebSocketEnd(picows.WSListener):
 
     def heard_from(self, now: float) -> None:
         self.heard_at = now
+
+    def protocol_error(self) -> None:
+        """picows closed this WebSocket for a protocol error (a frame over the size limit)."""
+        pump = self.pump
+        if pump is not None and pump.close_reason is None:
+            pump.abort(f"{self.name} broke the WebSocket protocol (frame too large?)")
 
     def ping(self) -> None:
         if self.ws is not None and not self.ws.is_disconnected:
@@ -320,16 +335,24 @@ class Pump:
         far_held = far.release_held()
         near.forward = far.write
         far.forward = near.write
+        self.attach_filters()
         for data in near_held:
-            far.write(data)
+            near.forward(data)
         for data in far_held:
-            near.write(data)
+            far.forward(data)
         near.resume_reading()
         far.resume_reading()
         self._timer = self._loop.call_later(self._tick_interval(), self._tick)
 
-    def close(self, reason: str, code: WSCloseCode = WSCloseCode.OK) -> None:
-        """End the pump: flush and close both ends; abort what is left after the timeout."""
+    def attach_filters(self) -> None:
+        """Subclasses may put a filter into ``forward`` here (the relay's RTSP steering)."""
+
+    def close(
+        self, reason: str, code: WSCloseCode = WSCloseCode.OK, message: str | None = None
+    ) -> None:
+        """End the pump: flush and close both ends; abort what is left after the timeout.
+
+        ``message`` goes with the CLOSE frames: a reason the peer may see (no secrets)."""
         if self.close_reason is not None:
             return
         self.close_reason = reason
@@ -338,7 +361,7 @@ class Pump:
         for end in self.ends:
             end.forward = _drop
         for end in self.ends:
-            end.begin_close(code)
+            end.begin_close(code, message)
         self._abort_timer = self._loop.call_later(self.limits.close_timeout_s, self._abort)
         self.end_gone()
 

@@ -147,8 +147,11 @@ class HubService:
         return state is not None and state.listening.is_set()
 
     async def wait_listening(self, device_id: str, timeout_s: float) -> None:
+        """Until a direct method can reach the device: it listens, and the service's own link
+        to the broker is up (after a broker restart the device may be back before it)."""
         async with asyncio.timeout(timeout_s):
             await self.state(device_id).listening.wait()
+            await self.client.ready.wait()
 
     async def invoke(
         self, device_id: str, method: str, payload: Any, timeout_s: float

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import ssl
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,10 @@ from tunnel_agent.hub.connection_string import SERVICE_REQUIRED, parse_connectio
 API_VERSION = "2021-04-12"
 SAS_LIFETIME_S = 3600
 CONNECT_TIMEOUT_S = 10
+PROBE_TIMEOUT_S = 5
+PROBE_PATH = "/statistics/service"  # IoT Hub's service statistics: cheap, authenticated
+_REFUSED_CREDENTIALS = (401, 403)
+_SERVER_ERROR = 500
 
 
 class MethodCallFailed(Exception):
@@ -59,6 +64,9 @@ class HubServiceClient:
             self._ssl.load_verify_locations(cafile=str(ca_file))
         self._session: aiohttp.ClientSession | None = None
         self._sas: tuple[str, float] | None = None
+        self.reachable: bool | None = None  # None until the first exchange
+        self.unreachable_reason = "not checked yet"
+        self.errors: Counter[str] = Counter()  # by kind, for the metrics
 
     async def close(self) -> None:
         if self._session is not None:
@@ -72,11 +80,43 @@ class HubServiceClient:
             self._sas = (generate_sas(self.hostname, self._key, self._policy, expiry), expiry)
         return self._sas[0]
 
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl))
+        return self._session
+
+    def _heard(self, status: int) -> None:
+        """Any HTTP answer but refused credentials or a server error means the API is there."""
+        if status in _REFUSED_CREDENTIALS:
+            self.reachable = False
+            self.unreachable_reason = f"hub refused the credentials ({status})"
+        elif status >= _SERVER_ERROR:
+            self.reachable, self.unreachable_reason = False, f"hub answered {status}"
+        else:
+            self.reachable, self.unreachable_reason = True, ""
+
+    def _lost(self, exc: BaseException) -> None:
+        self.errors["unreachable"] += 1
+        self.reachable, self.unreachable_reason = False, f"hub not reached ({type(exc).__name__})"
+
+    async def probe(self) -> bool:
+        """One cheap authenticated request: is the hub's REST API reachable with our key?"""
+        url = f"{self.rest_url}{PROBE_PATH}?api-version={API_VERSION}"
+        timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
+        try:
+            async with self._client().get(
+                url, headers={"Authorization": self._authorization()}, timeout=timeout
+            ) as response:
+                await response.read()
+                self._heard(response.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._lost(exc)
+        return bool(self.reachable)
+
     async def invoke(
         self, device_id: str, method: str, payload: Any, response_timeout_s: int
     ) -> MethodAnswer:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl))
+        session = self._client()
         url = f"{self.rest_url}/twins/{quote(device_id, safe='')}/methods?api-version={API_VERSION}"
         body = {
             "methodName": method,
@@ -88,15 +128,21 @@ class HubServiceClient:
             total=response_timeout_s + CONNECT_TIMEOUT_S, connect=CONNECT_TIMEOUT_S
         )
         try:
-            async with self._session.post(
+            async with session.post(
                 url, json=body, headers={"Authorization": self._authorization()}, timeout=timeout
             ) as response:
                 text = await response.text()
+                self._heard(response.status)
                 if response.status != 200:
+                    self.errors[f"http_{response.status}"] += 1
                     raise MethodCallFailed(response.status, _hub_reason(text, response.reason))
                 answer = json.loads(text)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._lost(exc)
             raise MethodCallFailed(0, type(exc).__name__) from None
+        except ValueError:
+            self.errors["bad_answer"] += 1
+            raise MethodCallFailed(0, "answer is not JSON") from None
         return MethodAnswer(int(answer.get("status", 0)), answer.get("payload"))
 
 

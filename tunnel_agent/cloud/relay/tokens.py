@@ -1,8 +1,9 @@
-"""Single-use tunnel tokens: minted per consumer connection, kept only as hashes.
+"""Bearer tokens, kept only as hashes and compared in constant time.
 
-A token proves that the WebSocket arriving at ``/v1/tunnels/<id>`` is the device the relay asked
-(through the hub) to connect. It has 256 random bits, lives ``ttl_s`` seconds, works once, and the
-relay keeps only its SHA-256, compared in constant time.
+Two kinds: a *tunnel token* proves that the WebSocket arriving at ``/v1/tunnels/<id>`` is the
+device the relay asked (through the hub) to connect: minted per tunnel, it lives ``ttl_s``
+seconds and works once. A *consumer token* belongs to a session and admits any number of
+consumer connections until the session ends (see sessions.py). Both have 256 random bits.
 """
 
 from __future__ import annotations
@@ -35,6 +36,26 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+def new_token() -> tuple[str, bytes]:
+    """A fresh token (URL-safe, 43 characters for 256 bits) and the digest to keep of it."""
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    return token, _digest(token)
+
+
+def token_matches(digest: bytes, presented: str | None) -> bool:
+    return presented is not None and hmac.compare_digest(digest, _digest(presented))
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
 class TokenBook:
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
@@ -43,15 +64,15 @@ class TokenBook:
     def mint(self, now: float) -> tuple[str, str]:
         """A new (tunnel id, token); the token itself is not kept."""
         tunnel_id = secrets.token_hex(8)
-        token = secrets.token_urlsafe(TOKEN_BYTES)
-        self._entries[tunnel_id] = _Entry(_digest(token), now + self.ttl_s)
+        token, digest = new_token()
+        self._entries[tunnel_id] = _Entry(digest, now + self.ttl_s)
         return tunnel_id, token
 
     def redeem(self, tunnel_id: str, presented: str | None, now: float) -> Verdict:
         entry = self._entries.get(tunnel_id)
         if entry is None:
             return Verdict.UNKNOWN
-        if presented is None or not hmac.compare_digest(entry.digest, _digest(presented)):
+        if not token_matches(entry.digest, presented):
             return Verdict.WRONG
         if entry.used:
             return Verdict.USED
@@ -59,9 +80,6 @@ class TokenBook:
             return Verdict.EXPIRED
         entry.used = True
         return Verdict.ACCEPTED
-
-    def forget(self, tunnel_id: str) -> None:
-        self._entries.pop(tunnel_id, None)
 
     def purge(self, now: float) -> None:
         """Drop entries that can no longer be redeemed (called now and then)."""

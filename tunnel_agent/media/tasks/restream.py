@@ -95,8 +95,17 @@ class StreamToRtsp(PacketTask):
             )
         except (av.FFmpegError, OSError) as exc:
             raise TaskError(f"cannot publish to {self.display}: {_reason(exc)}") from None
+        try:
+            stream = output.add_stream_from_template(template.stream)
+            # FFmpeg connects (TCP, TLS, ANNOUNCE, RECORD) only when the header is written:
+            # do it now, so that a refused server is "cannot publish", not a lost connection.
+            output.start_encoding()
+        except (av.FFmpegError, OSError, ValueError) as exc:
+            with contextlib.suppress(av.FFmpegError, OSError, ValueError):
+                output.close()
+            raise TaskError(f"cannot publish to {self.display}: {_reason(exc)}") from None
         self._output = output
-        self._stream = output.add_stream_from_template(template.stream)
+        self._stream = stream
         self._offset = first.dts
         self.counters["connects"] += 1
         self.log.info("media.restream_connected", server=self.display, codec=template.codec)

@@ -1,10 +1,11 @@
 """Just enough ISO BMFF (MP4) reading to cut a fragmented MP4 stream and describe it to MSE.
 
-The muxer (FFmpeg's, through PyAV) writes an init segment (``ftyp`` + ``moov``) and then one
-fragment (``moof`` + ``mdat``) per frame. The fan-out needs three facts it does not tell us
-directly: where each top-level box ends, whether a fragment starts with a video keyframe (a late
-joiner must start there), and the RFC 6381 codec strings (``avc1.64001f``, ``hvc1.1.6.L93.B0``,
-``mp4a.40.2``) that ``MediaSource.isTypeSupported`` wants. Pure functions over bytes, no I/O.
+The muxer (FFmpeg's, through PyAV) writes an init segment (``ftyp`` + ``moov``) and then
+fragments (``moof`` + ``mdat``) of a few frames each. The fan-out needs three facts it does not
+tell us directly: where each top-level box ends, whether a fragment starts with a video keyframe
+(a late joiner must start there), and the RFC 6381 codec strings (``avc1.64001f``,
+``hvc1.1.6.L93.B0``, ``mp4a.40.2``) that ``MediaSource.isTypeSupported`` wants. Pure functions
+over bytes, no I/O.
 """
 
 from __future__ import annotations

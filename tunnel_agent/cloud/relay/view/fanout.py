@@ -8,6 +8,8 @@ takes them out. Nothing here ever waits for a viewer, so a slow one cannot slow 
 - ``ViewerQueue`` is bounded in bytes. A viewer whose queue would overflow loses what is queued and
   skips ahead to the next keyframe (a decoder cannot start anywhere else); one that keeps
   overflowing is told to go (``overflows_to_disconnect`` within ``overflow_window_s``).
+  Fragments queued together leave together, as one WebSocket message (MSE takes any run of whole
+  fragments in one append): a late joiner's cached GOP is one message, not dozens.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from tunnel_agent.cloud.relay.view.segments import Fragment, InitSegment
+
+MAX_MESSAGE_BYTES = 1024 * 1024  # fragments joined into one message, at most
 
 
 class GopCache:
@@ -127,7 +131,8 @@ class ViewerQueue:
         self._status = status
 
     def pop(self) -> bytes | str | None:
-        """The next message: the stream's description, its init segment, a status, fragments."""
+        """The next message: the stream's description, its init segment, a status, then every
+        queued fragment (up to ``MAX_MESSAGE_BYTES``) joined."""
         if self._announce is not None:
             text, self._announce = self._announce, None
             return text
@@ -140,6 +145,13 @@ class ViewerQueue:
         if not self._items:
             return None
         data = self._items.popleft()
+        if self._items and len(data) + len(self._items[0]) <= MAX_MESSAGE_BYTES:
+            run = [data]
+            size = len(data)
+            while self._items and size + len(self._items[0]) <= MAX_MESSAGE_BYTES:
+                size += len(self._items[0])
+                run.append(self._items.popleft())
+            data = b"".join(run)
         self._bytes -= len(data)
         return data
 

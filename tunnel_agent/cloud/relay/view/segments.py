@@ -1,4 +1,6 @@
-"""What the remuxer hands the fan-out: an init segment per camera connection, then fragments."""
+"""What the remuxer hands the fan-out (an init segment per camera connection, then fragments), and
+the errors of the remuxer and the snapshot decoder. No PyAV here: the relay loads it only when a
+session is first watched."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ class InitSegment:
 
 @dataclass(frozen=True, slots=True)
 class Fragment:
-    """One ``moof`` + ``mdat``: a frame (and any audio next to it)."""
+    """One ``moof`` + ``mdat``: a few frames (and any audio next to them)."""
 
     data: bytes
     keyframe: bool
@@ -36,3 +38,11 @@ class Keyframe:
     data: bytes
     generation: int
     sequence: int
+
+
+class CameraStreamError(Exception):
+    """The camera's stream cannot be shown (nothing playable in it); the reason is for users."""
+
+
+class SnapshotFailed(Exception):
+    """The keyframe could not be decoded; the reason names no secret."""

@@ -10,14 +10,10 @@ from __future__ import annotations
 import av
 import av.error
 
-from tunnel_agent.cloud.relay.view.segments import Keyframe
+from tunnel_agent.cloud.relay.view.segments import Keyframe, SnapshotFailed
 from tunnel_agent.media.encode import ImageEncoder
 
 JPEG_QUALITY = 3  # FFmpeg qscale: 2 best, 31 worst
-
-
-class SnapshotFailed(Exception):
-    """The keyframe could not be decoded; the reason names no secret."""
 
 
 def keyframe_to_jpeg(keyframe: Keyframe) -> tuple[bytes, int, int]:

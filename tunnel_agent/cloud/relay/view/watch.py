@@ -1,10 +1,13 @@
 """One watched session: one tunnel, one remuxer, any number of viewers (up to the limit).
 
-The first viewer starts it: the loopback gate asks the relay for a tunnel, the remuxer reads the
-camera through it, and every fragment goes into each viewer's bounded queue, from which that
-viewer's own sender writes to its WebSocket. The camera connection is restarted with backoff when
-it ends (a camera restart, a dropped tunnel), each time as a new *generation* with its own init
+The first viewer starts it: the watch asks for a way to the camera (``OpenCamera``: the relay
+gives a loopback port whose one connection becomes a tunnel), the remuxer reads the camera through
+it, and every fragment goes into each viewer's bounded queue, from which that viewer's own sender
+writes to its WebSocket. The camera connection is restarted with backoff when it ends (a camera
+restart, a dropped tunnel, an offline device), each time as a new *generation* with its own init
 segment. When the last viewer leaves, the tunnel stays up ``grace_s`` in case someone comes back.
+Once a second the watch asks whether its session still exists; when it has ended, viewers are told
+why and the watch closes.
 """
 
 from __future__ import annotations
@@ -15,15 +18,18 @@ import json
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import quote
 
 from tunnel_agent.cloud.relay.view.fanout import GopCache, Offer, ViewerQueue
-from tunnel_agent.cloud.relay.view.gate import LoopbackGate, TunnelJoin
-from tunnel_agent.cloud.relay.view.remux import CameraStreamError, remux
-from tunnel_agent.cloud.relay.view.segments import Fragment, InitSegment, Keyframe
-from tunnel_agent.cloud.relay.view.snapshot import keyframe_to_jpeg
+from tunnel_agent.cloud.relay.view.segments import (
+    CameraStreamError,
+    Fragment,
+    InitSegment,
+    Keyframe,
+)
 from tunnel_agent.logs import EventLogger, redact_text
 from tunnel_agent.media.backoff import Backoff
 
@@ -61,8 +67,49 @@ class WatchTarget:
     password: str | None = field(default=None, repr=False)
 
 
-class ViewerGone(Exception):
-    """Raised in a viewer's sender when the watch tells it to leave."""
+class TunnelUnavailable(Exception):
+    """No way to the camera could be opened; the message is for viewers (no secrets, no ids)."""
+
+
+class CameraLink(Protocol):
+    """One way to the camera, for one remuxer run: where PyAV connects, and what went wrong."""
+
+    @property
+    def url_base(self) -> str:
+        """``rtsp://host:port`` of a loopback port that leads to the camera."""
+
+    def failure(self) -> str | None:
+        """Why the tunnel behind the port failed (device offline, refused...), if it did."""
+
+    def close(self) -> None:
+        """Close the tunnel: a read the remuxer waits in ends at once."""
+
+
+OpenCamera = Callable[[], Awaitable[CameraLink]]
+
+
+@dataclass(frozen=True)
+class Ending:
+    """Why viewers must go, as the page shows it: a short code and a sentence."""
+
+    code: str
+    message: str
+    close_code: int
+
+
+SessionEnded = Callable[[], Ending | None]
+
+
+def camera_url(base: str, path: str, username: str | None, password: str | None) -> str:
+    """The RTSP URL PyAV opens: credentials (if any) percent-encoded into the authority."""
+    auth = ""
+    if username:
+        auth = quote(username, safe="")
+        if password:
+            auth += ":" + quote(password, safe="")
+        auth += "@"
+    scheme, _, host = base.partition("://")
+    return f"{scheme}://{auth}{host}{path}"
 
 
 class Viewer:
@@ -73,14 +120,16 @@ class Viewer:
         self.queue = ViewerQueue(limits.queue_bytes)
         self.wake = asyncio.Event()
         self.closing: str | None = None  # why the watch wants this viewer gone
+        self.ending: Ending | None = None  # set when the session itself has ended
         self.bytes_sent = 0
 
     def push_status(self, status: dict[str, Any]) -> None:
         self.queue.set_status(json.dumps(status))
         self.wake.set()
 
-    def tell_to_go(self, reason: str) -> None:
+    def tell_to_go(self, reason: str, ending: Ending | None = None) -> None:
         self.closing = reason
+        self.ending = ending
         self.wake.set()
 
 
@@ -106,14 +155,18 @@ class Watch:
     def __init__(
         self,
         target: WatchTarget,
-        join: TunnelJoin,
+        open_camera: OpenCamera,
+        session_ended: SessionEnded,
         limits: ViewLimits,
         on_closed: Callable[[Watch], None],
     ) -> None:
         self.target = target
         self.limits = limits
         self.log = EventLogger("tunnel_agent.relay.view", session=target.session_id)
-        self.gate = LoopbackGate(join)
+        self._open_camera = open_camera
+        self._session_ended = session_ended
+        self._link: CameraLink | None = None
+        self.links_opened = 0
         self.cache = GopCache(limits.gop_cache_bytes)
         self.viewers: dict[str, Viewer] = {}
         self.state = "starting"
@@ -137,12 +190,11 @@ class Watch:
     # -- life cycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.gate.start()
         self._task = asyncio.get_running_loop().create_task(self._run())
         self._status_task = asyncio.get_running_loop().create_task(self._report())
         self.log.info("view.watch_started", device=self.target.device_id)
 
-    async def close(self, reason: str) -> None:
+    async def close(self, reason: str, ending: Ending | None = None) -> None:
         if self.closed:
             return
         self.closed = True
@@ -150,20 +202,21 @@ class Watch:
             self._grace.cancel()
         self._stop.set()
         for viewer in self.viewers.values():
-            viewer.tell_to_go(reason)
-        await self.gate.close()
+            viewer.tell_to_go(reason, ending)
+        if self._link is not None:
+            self._link.close()
         for task in (self._task, self._status_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        self.log.info("view.watch_closed", reason=reason, tunnels=self.gate.connections)
+        self.log.info("view.watch_closed", reason=reason, tunnels=self.links_opened)
         self._on_closed(self)
 
-    def close_soon(self, reason: str) -> None:
+    def close_soon(self, reason: str, ending: Ending | None = None) -> None:
         """Close from a callback (a timer); the task is kept so it cannot be collected early."""
         if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_task(self.close(reason))
+            self._closing = asyncio.get_running_loop().create_task(self.close(reason, ending))
 
     def _idle(self) -> bool:
         return not self.viewers and self._holds == 0
@@ -233,6 +286,10 @@ class Watch:
     async def _report(self) -> None:
         while True:
             await asyncio.sleep(STATUS_EVERY_S)
+            ending = self._session_ended()
+            if ending is not None:
+                self.close_soon(ending.code, ending)
+                return
             status = self.status()
             for viewer in self.viewers.values():
                 viewer.push_status(status)
@@ -287,10 +344,11 @@ class Watch:
     # -- the camera connection ------------------------------------------------------------------
 
     async def _run(self) -> None:
+        from tunnel_agent.cloud.relay.view.remux import remux  # PyAV: loaded on first watch
+
         backoff = Backoff(self.limits.retry_initial_s, self.limits.retry_max_s, 30.0)
         loop = asyncio.get_running_loop()
         target = self.target
-        url = self.gate.url(target.rtsp_path, target.username, target.password)
         while not self._stop.is_set():
             self.generation += 1
             self.init = None
@@ -299,20 +357,30 @@ class Watch:
             started = time.monotonic()
             sink = _ThreadSink(self, loop, self.generation)
             try:
-                await asyncio.to_thread(
-                    remux,
-                    url,
-                    sink,
-                    self._stop,
-                    self.generation,
-                    open_timeout_s=self.limits.open_timeout_s,
-                    read_timeout_s=self.limits.read_timeout_s,
-                )
-                reason = "the camera's stream ended"
-            except CameraStreamError as exc:
+                self._link = link = await self._open_camera()
+            except TunnelUnavailable as exc:
                 reason = str(exc)
-            except Exception as exc:
-                reason = self.gate.failure or _camera_failure(exc, self.init is not None)
+            else:
+                self.links_opened += 1
+                url = camera_url(link.url_base, target.rtsp_path, target.username, target.password)
+                try:
+                    await asyncio.to_thread(
+                        remux,
+                        url,
+                        sink,
+                        self._stop,
+                        self.generation,
+                        open_timeout_s=self.limits.open_timeout_s,
+                        read_timeout_s=self.limits.read_timeout_s,
+                    )
+                    reason = link.failure() or "the camera's stream ended"
+                except CameraStreamError as exc:
+                    reason = str(exc)
+                except Exception as exc:
+                    reason = link.failure() or _camera_failure(exc, self.init is not None)
+                finally:
+                    self._link = None
+                    link.close()
             if self._stop.is_set():
                 return
             backoff.ran_for(time.monotonic() - started)
@@ -340,6 +408,8 @@ class Watch:
             cached = self._snapshot
             if cached is not None and cached[:2] == (keyframe.generation, keyframe.sequence):
                 return cached[2], cached[3], cached[4]
+            from tunnel_agent.cloud.relay.view.snapshot import keyframe_to_jpeg
+
             jpeg, width, height = await asyncio.to_thread(keyframe_to_jpeg, keyframe)
             self._snapshot = (keyframe.generation, keyframe.sequence, jpeg, width, height)
             return jpeg, width, height

@@ -3,28 +3,34 @@
 ``/v1/sessions/<id>/view#token=<token>``: the token sits in the fragment, which browsers never
 send, so it is in no request line and no log. The page sends it as the first WebSocket message of
 ``/v1/sessions/<id>/live``; until that message checks out nothing else happens (no tunnel, no
-``tunnelOpen``). ``snapshot.jpg`` takes the same token as ``Authorization: Bearer``.
+``tunnelOpen``). ``snapshot.jpg`` takes the same token as ``Authorization: Bearer``. Who may watch
+is the ``SessionDirectory``'s decision (the relay's own session check, in extension.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import secrets
 import socket
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
 
-from tunnel_agent.cloud.relay.view.gate import TunnelJoin
-from tunnel_agent.cloud.relay.view.snapshot import SnapshotFailed
-from tunnel_agent.cloud.relay.view.watch import Viewer, ViewLimits, Watch, WatchTarget
+from tunnel_agent.cloud.relay.view.segments import SnapshotFailed
+from tunnel_agent.cloud.relay.view.watch import (
+    Ending,
+    OpenCamera,
+    SessionEnded,
+    Viewer,
+    ViewLimits,
+    Watch,
+    WatchTarget,
+)
 from tunnel_agent.logs import EventLogger
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -60,9 +66,9 @@ MAX_VIEWER_MESSAGE_BYTES = 4096
 
 # WebSocket close codes the page understands (4000-4999 are the application's).
 CLOSE_REFUSED = 4401
-CLOSE_FORBIDDEN_ORIGIN = 4403
+CLOSE_FORBIDDEN = 4403
 CLOSE_AUTH_TIMEOUT = 4408
-CLOSE_EXPIRED = 4410
+CLOSE_ENDED = 4410
 CLOSE_FULL = 4429
 CLOSE_TOO_SLOW = 4008
 CLOSE_GOING_AWAY = 1001
@@ -70,22 +76,11 @@ CLOSE_GOING_AWAY = 1001
 
 @dataclass(frozen=True)
 class ViewSession:
-    """What the view needs of a relay session."""
+    """What the view needs of a session whose token checked out."""
 
     target: WatchTarget
-    token: str = field(repr=False)
-    expires_at: float | None  # wall clock (epoch seconds); None: no expiry
-    join: TunnelJoin
-
-    def token_matches(self, presented: str) -> bool:
-        return hmac.compare_digest(presented.encode(), self.token.encode())
-
-    def expired(self, now: float) -> bool:
-        return self.expires_at is not None and now >= self.expires_at
-
-
-class SessionLookup(Protocol):
-    def __call__(self, session_id: str) -> ViewSession | None: ...
+    open_camera: OpenCamera
+    ended: SessionEnded  # asked once a second while the session is watched
 
 
 @dataclass(frozen=True)
@@ -95,6 +90,10 @@ class Refusal:
     close_code: int
     http_status: int
 
+    @property
+    def ending(self) -> Ending:
+        return Ending(self.code, self.message, self.close_code)
+
 
 REFUSED = Refusal(
     "refused",
@@ -103,19 +102,35 @@ REFUSED = Refusal(
     401,
 )
 EXPIRED = Refusal(
-    "expired", "This session has expired. Create a new one for a new link.", CLOSE_EXPIRED, 401
+    "expired", "This session has expired. Create a new one for a new link.", CLOSE_ENDED, 401
 )
+REVOKED = Refusal("revoked", "This session was ended by its owner (revoked).", CLOSE_ENDED, 401)
+FORBIDDEN_SOURCE = Refusal(
+    "forbidden", "This session may not be watched from your address.", CLOSE_FORBIDDEN, 403
+)
+BLOCKED = Refusal(
+    "blocked",
+    "Too many failed attempts from your address; try again in a minute.",
+    CLOSE_FULL,
+    429,
+)
+
+
+class SessionDirectory(Protocol):
+    """Who may watch which session (implemented by the relay extension)."""
+
+    def admit(self, session_id: str, token: str | None, source: str) -> ViewSession | Refusal:
+        """The session, if ``token`` opens it for ``source`` now; else why not."""
 
 
 class ViewService:
     """Watches by session id, created on a session's first viewer and closed after the last."""
 
-    def __init__(self, sessions: SessionLookup, limits: ViewLimits) -> None:
+    def __init__(self, sessions: SessionDirectory, limits: ViewLimits) -> None:
         self.sessions = sessions
         self.limits = limits
         self.watches: dict[str, Watch] = {}
         self.log = EventLogger("tunnel_agent.relay.view")
-        self._expiry: dict[str, asyncio.TimerHandle] = {}
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/", self.index_page)
@@ -127,12 +142,6 @@ class ViewService:
     async def close(self) -> None:
         for watch in list(self.watches.values()):
             await watch.close("relay stopping")
-
-    async def session_closed(self, session_id: str, reason: str = "session closed") -> None:
-        """Called by the relay when a session ends (deleted or expired): its viewers go."""
-        watch = self.watches.get(session_id)
-        if watch is not None:
-            await watch.close(reason)
 
     # -- pages ---------------------------------------------------------------------------------
 
@@ -148,37 +157,21 @@ class ViewService:
             raise web.HTTPNotFound()
         return _file_response(name)
 
-    # -- checking a token ----------------------------------------------------------------------
-
-    def check(self, session_id: str, token: str | None) -> ViewSession | Refusal:
-        session = self.sessions(session_id)
-        if session is None or token is None or not session.token_matches(token):
-            return REFUSED
-        if session.expired(time.time()):
-            return EXPIRED
-        return session
+    # -- watches -------------------------------------------------------------------------------
 
     async def _watch_for(self, session: ViewSession) -> Watch:
         target = session.target
         watch = self.watches.get(target.session_id)
         if watch is None or watch.closed:
-            watch = Watch(target, session.join, self.limits, self._forget)
+            watch = Watch(target, session.open_camera, session.ended, self.limits, self._forget)
             self.watches[target.session_id] = watch
             await watch.start()
-            if session.expires_at is not None:
-                delay = max(0.0, session.expires_at - time.time())
-                self._expiry[target.session_id] = asyncio.get_running_loop().call_later(
-                    delay, watch.close_soon, "session expired"
-                )
         return watch
 
     def _forget(self, watch: Watch) -> None:
         session_id = watch.target.session_id
         if self.watches.get(session_id) is watch:
             del self.watches[session_id]
-            handle = self._expiry.pop(session_id, None)
-            if handle is not None:
-                handle.cancel()
 
     # -- the live WebSocket ----------------------------------------------------------------------
 
@@ -187,16 +180,14 @@ class ViewService:
         ws = web.WebSocketResponse(max_msg_size=MAX_VIEWER_MESSAGE_BYTES, heartbeat=20.0)
         if not _same_origin(request):
             await ws.prepare(request)
-            await _refuse(
-                ws, "origin", "Cross-site viewing is not allowed.", CLOSE_FORBIDDEN_ORIGIN
-            )
+            await _refuse(ws, "origin", "Cross-site viewing is not allowed.", CLOSE_FORBIDDEN)
             return ws
         await ws.prepare(request)
         token = await _first_token(ws)
         if token is None:
             await _refuse(ws, "refused", "No token arrived.", CLOSE_AUTH_TIMEOUT)
             return ws
-        verdict = self.check(session_id, token)
+        verdict = self.sessions.admit(session_id, token, request.remote or "")
         if isinstance(verdict, Refusal):
             self.log.warning("view.viewer_refused", session=session_id, reason=verdict.code)
             await _refuse(ws, verdict.code, verdict.message, verdict.close_code)
@@ -223,7 +214,7 @@ class ViewService:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await sender
-            await _close_for(ws, viewer.closing)
+            await _close_for(ws, viewer.closing, viewer.ending)
         return ws
 
     # -- snapshot.jpg --------------------------------------------------------------------------
@@ -232,7 +223,7 @@ class ViewService:
         session_id = request.match_info["session_id"]
         authorization = request.headers.get("Authorization", "")
         token = authorization[7:] if authorization.startswith("Bearer ") else None
-        verdict = self.check(session_id, token)
+        verdict = self.sessions.admit(session_id, token, request.remote or "")
         if isinstance(verdict, Refusal):
             return web.json_response(
                 {"error": verdict.code, "message": verdict.message},
@@ -312,18 +303,18 @@ async def _drain_incoming(ws: web.WebSocketResponse) -> None:
             return
 
 
-async def _close_for(ws: web.WebSocketResponse, reason: str | None) -> None:
+async def _close_for(ws: web.WebSocketResponse, reason: str | None, ending: Ending | None) -> None:
     if ws.closed:
         return
     code = CLOSE_GOING_AWAY
     message = {"type": "error", "code": "closed", "message": reason or "closed"}
-    if reason == "too slow":
+    if ending is not None:
+        code = ending.close_code
+        message = {"type": "error", "code": ending.code, "message": ending.message}
+    elif reason == "too slow":
         code = CLOSE_TOO_SLOW
         message["code"] = "slow"
         message["message"] = "This viewer fell too far behind and was disconnected."
-    elif reason == "session expired":
-        code = CLOSE_EXPIRED
-        message = {"type": "error", "code": EXPIRED.code, "message": EXPIRED.message}
     with contextlib.suppress(Exception):
         async with asyncio.timeout(2.0):
             await ws.send_str(json.dumps(message))

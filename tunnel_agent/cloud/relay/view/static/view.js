@@ -12,7 +12,7 @@
   const KEEP_BUFFER_S = 10;      // media kept behind the playhead
   const RETRY_FIRST_MS = 1000;
   const RETRY_MAX_MS = 15000;
-  const FATAL = new Set(['refused', 'expired', 'origin', 'full']);
+  const FATAL = new Set(['refused', 'expired', 'revoked', 'forbidden', 'blocked', 'origin', 'full']);
   const CODEC_NAMES = { h264: 'H.264', hevc: 'H.265 (HEVC)' };
 
   const $ = (id) => document.getElementById(id);
@@ -64,7 +64,7 @@
     show(text);
     closeMedia();
     if (socket) { const old = socket; socket = null; old.close(); }
-    $('snapshot').disabled = code === 'refused' || code === 'expired';
+    $('snapshot').disabled = !['full', 'unsupported'].includes(code);  // the relay can still decode
   }
 
   function closeMedia() {
@@ -142,7 +142,7 @@
         if (!view.error) show(null);
       } else if (message.state === 'retrying') {
         setState('camera unavailable');
-        show(`Camera unavailable: ${message.reason}. Retrying...`);
+        show(`Cannot show the camera: ${message.reason}. Retrying...`);
       } else {
         setState(message.state);
       }

@@ -1,0 +1,150 @@
+"""Media tasks that stop and come back: the low-disk guard, a failed task's retries, full queues."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import camera_entry
+from tests.support.agent import AgentRunner
+from tests.support.camera import RtspCamera
+from tests.support.disk import SmallDisk
+from tests.support.mqtt import MediaBroker
+from tests.support.waiting import until
+from tests.test_media import FAST
+from tunnel_agent.media.backoff import Backoff
+from tunnel_agent.media.mqtt import MqttPublisher, OutgoingMessage
+from tunnel_agent.media.settings import MqttSettings, StreamSettings
+from tunnel_agent.media.tasks.base import FrameTask
+
+MIB = 2**20
+
+
+def states_of(agent: AgentRunner, stream: str) -> list[str]:
+    return [e["state"] for e in agent.events("media.task_state") if e.get("stream") == stream]
+
+
+def pngs(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.png")) if folder.is_dir() else []
+
+
+async def test_a_task_paused_for_low_disk_resumes_and_a_failed_task_is_retried(
+    tmp_path: Path, camera: RtspCamera
+) -> None:
+    disk = SmallDisk(tmp_path / "disk", 24 * MIB)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the folder should be")
+    streams: list[dict[str, Any]] = [
+        {
+            "name": "guarded",
+            "task": "snapshot-to-fs",
+            "path": str(disk.mount_point / "snaps"),
+            "snapshots_per_second": 2,
+            "min_free_bytes": 8 * MIB,
+        },
+        {
+            "name": "blocked",
+            "task": "snapshot-to-fs",
+            "path": str(blocker / "snaps"),
+            "snapshots_per_second": 2,
+        },
+    ]
+    agent = AgentRunner(
+        tmp_path / "agent",
+        {"cameras": [camera_entry(camera, streams=streams)], "media": FAST},
+        wrap=disk.wrap,
+    )
+    try:
+        agent.wait_event("agent.started")
+        snaps = disk.seen_by(agent.process.pid) / "snaps"
+        agent.process.wait_for(lambda _: len(pngs(snaps)) >= 2, 30)
+
+        # The disk fills up (someone else's file): the task pauses and says why.
+        ballast = disk.seen_by(agent.process.pid) / "ballast"
+        ballast.write_bytes(b"\0" * (disk.free_bytes(agent.process.pid) - 4 * MIB))
+        agent.process.wait_for(lambda _: states_of(agent, "guarded")[-1:] == ["paused"], 20)
+        paused_with = len(pngs(snaps))
+        # Room again: it resumes on its own and writes again.
+        ballast.unlink()
+        agent.process.wait_for(lambda _: states_of(agent, "guarded")[-1:] == ["running"], 20)
+        agent.process.wait_for(lambda _: len(pngs(snaps)) >= paused_with + 2, 20)
+
+        # The failed task is retried: once the folder can be made, it runs.
+        agent.process.wait_for(lambda _: states_of(agent, "blocked").count("failed") >= 1, 20)
+        blocker.unlink()
+        agent.process.wait_for(lambda _: len(pngs(blocker / "snaps")) >= 2, 30)
+    finally:
+        agent.stop()
+
+    paused = [e for e in agent.events("media.task_state") if e.get("state") == "paused"]
+    assert paused[0]["stream"] == "guarded" and paused[0]["reason"].startswith("low disk")
+    guarded = states_of(agent, "guarded")
+    assert guarded[guarded.index("paused") :].count("running") >= 1
+    blocked = states_of(agent, "blocked")
+    assert "cannot write to" in next(
+        e["reason"] for e in agent.events("media.task_state") if e.get("state") == "failed"
+    )
+    assert blocked[blocked.index("failed") :].count("running") == 1
+
+
+class HeldTask(FrameTask):
+    """A snapshot task whose work waits for the test, so that its queue fills up."""
+
+    queue_size = 3
+
+    def __init__(self, folder: Path) -> None:
+        settings = StreamSettings(name="held", task="snapshot-to-fs", path=folder)
+        super().__init__("cam", settings, Backoff())
+        self.release = threading.Event()
+        self.busy = threading.Event()
+        self.handled: list[Any] = []
+
+    def handle(self, item: Any) -> None:
+        self.busy.set()
+        self.release.wait(10)
+        self.handled.append(item)
+
+
+async def test_a_full_task_queue_drops_the_oldest_item(tmp_path: Path) -> None:
+    task = HeldTask(tmp_path)
+    task.start()
+    try:
+        task.on_frame(0)  # type: ignore[arg-type]  # taken at once, then held
+        await asyncio.to_thread(task.busy.wait, 10)
+        for item in range(1, 6):
+            task.on_frame(item)  # type: ignore[arg-type]
+        task.release.set()
+        await until(lambda: len(task.handled) == 4, 10)
+    finally:
+        task.release.set()
+        await asyncio.to_thread(task.stop)
+    assert task.handled == [0, 3, 4, 5]  # 1 and 2, the oldest waiting, were dropped
+    assert task.counters["dropped_queue_full"] == 2
+
+
+async def test_while_the_broker_is_down_the_mqtt_queue_drops_the_oldest(tmp_path: Path) -> None:
+    broker = MediaBroker(tmp_path, log_all=True)
+    broker.stop()  # down from the start: the publisher can only queue
+    settings = MqttSettings(
+        url=f"mqtt://127.0.0.1:{broker.port}", queue_size=3, client_id="queue-test", protocol=5
+    )
+    publisher = MqttPublisher(settings, Backoff(initial_s=0.2, max_s=0.4))
+    running = asyncio.create_task(publisher.run())
+    try:
+        await until(lambda: publisher.counters["connect_failed"] >= 1, 10)
+        for number in range(1, 6):
+            publisher.offer(
+                OutgoingMessage(f"queue/{number}", b"image", 1, False, None, "image/jpeg", ())
+            )
+        await until(lambda: publisher.counters["dropped_queue_full"] == 2, 10)
+        broker.start()
+        await until(lambda: publisher.counters["published"] == 3, 20)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        broker.stop()
+    received = re.findall(r"Received PUBLISH from queue-test \(.*?'(queue/\d)'", broker.log())
+    assert received == ["queue/3", "queue/4", "queue/5"]  # 1 and 2, the oldest, were dropped

@@ -1,0 +1,123 @@
+"""The relay's tunnel: a consumer (TCP or WebSocket) pumped to the device's WebSocket.
+
+It is the shared pump (tunnel/pump.py) with the relay's own parts: which route or session it
+serves, the device's end that arrives later through ``/v1/tunnels/<id>``, and, for RTSP, the
+steering filter that sits in the pump's ``forward`` until PLAY and then takes itself out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from tunnel_agent.cloud.relay.rtsp_steering import RtspSteering
+from tunnel_agent.cloud.relay.sessions import Session
+from tunnel_agent.cloud.relay.sources import Network
+from tunnel_agent.logs import EventLogger
+from tunnel_agent.tunnel.pump import End, Pump, PumpLimits, WebSocketEnd
+
+
+@dataclass(eq=False)
+class Route:
+    """A fixed consumer port from the configuration."""
+
+    id: str
+    device_id: str
+    local_port: int
+    protocol: str
+    allowed_sources: tuple[Network, ...]
+    host: str
+    port: int
+    kind: str = "route"
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "deviceId": self.device_id,
+            "localPort": self.local_port,
+            "protocol": self.protocol,
+            "address": f"{self.host}:{self.port}",
+            "allowedSources": [str(n) for n in self.allowed_sources],
+        }
+
+
+Entry = Route | Session
+
+
+class RelayTunnel(Pump):
+    """One consumer connection, the tunnelOpen it caused, and the device WebSocket it waits for."""
+
+    def __init__(
+        self,
+        tunnel_id: str,
+        entry: Entry,
+        consumer: End,
+        source: str,
+        *,
+        limits: PumpLimits,
+        log: EventLogger,
+    ) -> None:
+        self.device = WebSocketEnd("device")
+        super().__init__(consumer, self.device, limits, log)
+        self.id = tunnel_id
+        self.entry = entry
+        self.source = source
+        self.requested_at = time.monotonic()
+        self.open_rtt_ms: float | None = None
+        self.device_arrived: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.steering: RtspSteering | None = None
+        self.failed = False  # the opening failed and said so: no closing line
+
+    @property
+    def consumer(self) -> End:
+        return self.near
+
+    @property
+    def bytes_to_device(self) -> int:
+        return self.device.bytes_written
+
+    @property
+    def bytes_to_consumer(self) -> int:
+        return self.near.bytes_written
+
+    def end_connected(self, end: End) -> None:
+        if end is self.device:
+            if not self.device_arrived.done():
+                self.device_arrived.set_result(None)
+            self.start()
+
+    def attach_filters(self) -> None:
+        if self.entry.protocol == "rtsp":
+            self.steering = RtspSteering()
+            SteeringFilter(self.steering, self.near, self.device).attach()
+
+
+class SteeringFilter:
+    """The I/O shell around :class:`RtspSteering`: it sits in both ends' ``forward`` until the
+    machine is done with each direction, then puts the plain ``write`` back."""
+
+    def __init__(self, machine: RtspSteering, consumer: End, device: WebSocketEnd) -> None:
+        self.machine = machine
+        self.consumer = consumer
+        self.device = device
+
+    def attach(self) -> None:
+        self.consumer.forward = self.from_consumer
+        self.device.forward = self.from_camera
+
+    def from_consumer(self, data: bytes) -> None:
+        steered = self.machine.from_consumer(data)
+        if steered.to_consumer:
+            self.consumer.write(steered.to_consumer)
+        if steered.to_camera:
+            self.device.write(steered.to_camera)
+        if self.machine.consumer_done and self.consumer.forward == self.from_consumer:
+            self.consumer.forward = self.device.write
+
+    def from_camera(self, data: bytes) -> None:
+        out = self.machine.from_camera(data)
+        if out:
+            self.consumer.write(out)
+        if self.machine.camera_done and self.device.forward == self.from_camera:
+            self.device.forward = self.consumer.write

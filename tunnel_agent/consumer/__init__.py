@@ -1,0 +1,1 @@
+"""The consumer's side: ``tunnel-agent connect``, a local port that leads to a relay session."""
