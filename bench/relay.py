@@ -298,9 +298,16 @@ class Bench:
             "relay_rss": float(rss_bytes(self.relay.pid) - relay_rss),
             "agent_rss": float(rss_bytes(self.agent.process.pid) - agent_rss),
             "relay_rss_total": float(rss_bytes(self.relay.pid)),
+            "hub_connections": float(self._hub_connections()),
         }
         self._close()
         return figures
+
+    def _hub_connections(self) -> int:
+        """The relay's open connections to the hub's REST API (its client's pool)."""
+        port = int(self.rig.hub.devhub.hub_name.rsplit(":", 1)[1])
+        connections = psutil.Process(self.relay.pid).net_connections("tcp")
+        return sum(1 for c in connections if c.raddr and c.raddr.port == port)
 
     def _counts(self) -> tuple[int, float, float]:
         got = self.sink.request("stats")["bytes"]
@@ -417,6 +424,7 @@ def report_many(bench: Bench, paced: int, seconds: float, idle: int) -> None:
             "agent %/tunnel",
             "relay/agent CPU (<= 1x)",
             f"relay RSS KiB/tunnel (<= {TARGET_RSS_KIB})",
+            "relay-hub connections",
         ]
         row = [
             "route",
@@ -428,6 +436,7 @@ def report_many(bench: Bench, paced: int, seconds: float, idle: int) -> None:
             figures["agent_pct"] / n,
             f"{figures['relay_pct'] / figures['agent_pct']:.2f}x",
             figures["relay_rss"] / figures["added"] / 1024,
+            figures["hub_connections"],
         ]
         print(table(headers, [row]))
         print()
