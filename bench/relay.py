@@ -18,6 +18,8 @@ window (psutil user+system of each process). Then 50 paced tunnels of 4 Mbit/s (
 ``--idle`` open idle tunnels: relay and agent RSS before and with them.
 
     python -m bench.relay [--seconds 8] [--warmup 1] [--rounds 3] [--paced 50] [--idle 1000]
+
+``--rounds 0``, ``--paced 0`` or ``--idle 0`` leave that part out.
 """
 
 from __future__ import annotations
@@ -270,9 +272,16 @@ class Bench:
     # -- many tunnels -------------------------------------------------------------------------
 
     def many(self, route: str, count: int, seconds: float) -> dict[str, float]:
-        """Open ``count`` tunnels through a route; CPU % over ``seconds``, RSS growth."""
+        """Open ``count`` tunnels through a route; CPU % over ``seconds``, RSS growth.
+
+        RSS per tunnel is marginal: growth from ``count // 10`` open tunnels (which carry the
+        one-off costs of a first tunnel, such as the hub client's connection) to all of them."""
+        warm = max(1, count // 10)
+        self._consume(self.route_ports[route], warm)
+        self.agent.wait_event("tunnel.opened", count=self.opened, timeout_s=120)
+        time.sleep(1.0)
         relay_rss, agent_rss = rss_bytes(self.relay.pid), rss_bytes(self.agent.process.pid)
-        self._consume(self.route_ports[route], count)
+        self._consume(self.route_ports[route], count - warm)
         self.agent.wait_event("tunnel.opened", count=self.opened, timeout_s=120)
         time.sleep(2.0)  # every tunnel past its first bytes
         bytes0, relay0, agent0 = self._counts()
@@ -285,12 +294,20 @@ class Bench:
             "relay_pct": (relay1 - relay0) / elapsed * 100,
             "agent_pct": (agent1 - agent0) / elapsed * 100,
             "mbit": (bytes1 - bytes0) * 8 / elapsed / 1e6,
+            "added": float(count - warm),
             "relay_rss": float(rss_bytes(self.relay.pid) - relay_rss),
             "agent_rss": float(rss_bytes(self.agent.process.pid) - agent_rss),
             "relay_rss_total": float(rss_bytes(self.relay.pid)),
+            "hub_connections": float(self._hub_connections()),
         }
         self._close()
         return figures
+
+    def _hub_connections(self) -> int:
+        """The relay's open connections to the hub's REST API (its client's pool)."""
+        port = int(self.rig.hub.devhub.hub_name.rsplit(":", 1)[1])
+        connections = psutil.Process(self.relay.pid).net_connections("tcp")
+        return sum(1 for c in connections if c.raddr and c.raddr.port == port)
 
     def _counts(self) -> tuple[int, float, float]:
         got = self.sink.request("stats")["bytes"]
@@ -366,28 +383,31 @@ def main() -> None:
     print(f"{args.rounds} rounds x {args.seconds:g} s after {args.warmup:g} s warm-up; medians")
     with Rig("relay") as rig:
         bench = Bench(rig, max(args.paced, args.idle))
-        bench.start_connect()
-        paths = bench.paths()
-        for round_no in range(1, args.rounds + 1):
-            for path in paths:
-                sample = bench.measure(path, args.warmup, args.seconds)
-                path.samples.append(sample)
-                print(
-                    f"  round {round_no} {path.name:<9} {sample.mb_s:8.1f} MB/s  relay CPU"
-                    f" {sample.relay_cpu_s:5.2f} s  agent CPU {sample.agent_cpu_s:5.2f} s",
-                    flush=True,
-                )
-        print()
-        print(bulk_report(paths))
-        print(
-            "MB = 10^6 bytes the consumer received; MB/CPU-s on the same bytes in the same window."
-        )
-        print()
-        assert bench.connect is not None
-        bench.connect.stop()
-        rig.children.remove(bench.connect)
-        bench.connect_pid = 0
+        if args.rounds:
+            bulk(bench, args.rounds, args.warmup, args.seconds)
         report_many(bench, args.paced, args.paced_seconds, args.idle)
+
+
+def bulk(bench: Bench, rounds: int, warmup_s: float, seconds: float) -> None:
+    bench.start_connect()
+    paths = bench.paths()
+    for round_no in range(1, rounds + 1):
+        for path in paths:
+            sample = bench.measure(path, warmup_s, seconds)
+            path.samples.append(sample)
+            print(
+                f"  round {round_no} {path.name:<9} {sample.mb_s:8.1f} MB/s  relay CPU"
+                f" {sample.relay_cpu_s:5.2f} s  agent CPU {sample.agent_cpu_s:5.2f} s",
+                flush=True,
+            )
+    print()
+    print(bulk_report(paths))
+    print("MB = 10^6 bytes the consumer received; MB/CPU-s on the same bytes in the same window.")
+    print()
+    assert bench.connect is not None
+    bench.connect.stop()
+    bench.rig.children.remove(bench.connect)
+    bench.connect_pid = 0
 
 
 def report_many(bench: Bench, paced: int, seconds: float, idle: int) -> None:
@@ -404,6 +424,7 @@ def report_many(bench: Bench, paced: int, seconds: float, idle: int) -> None:
             "agent %/tunnel",
             "relay/agent CPU (<= 1x)",
             f"relay RSS KiB/tunnel (<= {TARGET_RSS_KIB})",
+            "relay-hub connections",
         ]
         row = [
             "route",
@@ -414,7 +435,8 @@ def report_many(bench: Bench, paced: int, seconds: float, idle: int) -> None:
             figures["relay_pct"] / n,
             figures["agent_pct"] / n,
             f"{figures['relay_pct'] / figures['agent_pct']:.2f}x",
-            figures["relay_rss"] / n / 1024,
+            figures["relay_rss"] / figures["added"] / 1024,
+            figures["hub_connections"],
         ]
         print(table(headers, [row]))
         print()
@@ -432,11 +454,11 @@ def report_many(bench: Bench, paced: int, seconds: float, idle: int) -> None:
             "route",
             n,
             figures["relay_rss_total"] / 2**20,
-            figures["relay_rss"] / n / 1024,
-            figures["agent_rss"] / n / 1024,
+            figures["relay_rss"] / figures["added"] / 1024,
+            figures["agent_rss"] / figures["added"] / 1024,
         ]
         print(table(headers, [row]))
-        print("RSS growth from before the first tunnel to all of them open.")
+    print("RSS per tunnel: growth from a tenth of the tunnels open to all, per tunnel added.")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # What the agent and the relay import at run time: the wheel's Requires-Dist without extras.
 RUNTIME_DISTRIBUTIONS = {
+    "aiofastnet",
     "aiohttp",
     "aiomqtt",
     "av",

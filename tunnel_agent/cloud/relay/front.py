@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
+import aiofastnet
 import picows
 from aiohttp import web
 from picows.picows import WSProtocol  # type: ignore[attr-defined]
@@ -199,9 +200,9 @@ class FrontProtocol(asyncio.Protocol):
             self._tls_task = loop.create_task(self._start_tls(raw, self.door.tls))
 
     async def _start_tls(self, raw: asyncio.Transport, tls: ssl.SSLContext) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            upgraded = await loop.start_tls(  # the front door's own timer fires first
+        try:  # the front door's own timer fires before the handshake timeout
+            upgraded = await aiofastnet.start_tls(
+                asyncio.get_running_loop(),
                 raw,
                 self,
                 tls,
@@ -210,9 +211,6 @@ class FrontProtocol(asyncio.Protocol):
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
             raw.abort()
-            self._leave()
-            return
-        if upgraded is None:
             self._leave()
             return
         self._transport = upgraded
