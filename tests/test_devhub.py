@@ -123,6 +123,10 @@ async def test_devhub_cli_serves_every_device_on_one_host_name(tmp_path: Path) -
                 assert answer["payload"]["message"] == "Local port is not available"  # type: ignore[index]
             # Both devices, one host name, one broker behind the front door.
             assert len(mosquittos_under(state)) == 1
+            # The agents are done: the device client below takes cam9's identity, and IoT Hub
+            # (like devhub) drops the older of two connections with one client id.
+            for agent in agents:
+                assert agent.stop() == 0
 
             # A device reports a property; the twin keeps it, even across a devhub restart.
             device_key = strings["cam9"].split("SharedAccessKey=")[1]

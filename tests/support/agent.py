@@ -24,6 +24,7 @@ _FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
 ERROR_LEVELS = frozenset({"ERROR", "CRITICAL"})
 TRACEBACK = "Traceback (most recent call last)"
 KILLED = -signal.SIGKILL
+AGENT_STOP_WAIT_S = 25.0  # the agent's shutdown_timeout (20 s by default) and a margin
 
 
 def parse_line(line: str) -> dict[str, Any] | None:
@@ -127,7 +128,8 @@ class AgentRunner:
         self.wait_event("hub.connected", timeout_s=timeout_s)
 
     def stop(self) -> int | None:
-        return self.process.stop()
+        """SIGTERM, then wait as long as the agent's own bound allows before a SIGKILL."""
+        return self.process.stop(timeout_s=AGENT_STOP_WAIT_S)
 
     def kill(self) -> int:
         """SIGKILL the agent (a crash or a power cut); its exit code is then not checked."""
