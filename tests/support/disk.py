@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tests.support.processes import in_private_mounts
+
 
 class SmallDisk:
     def __init__(self, mount_point: Path, size_bytes: int) -> None:
@@ -17,18 +19,8 @@ class SmallDisk:
         mount_point.mkdir(parents=True, exist_ok=True)
 
     def wrap(self, command: list[str]) -> list[str]:
-        script = f'mount -t tmpfs -o size={self.size_bytes} tmpfs "$0" && exec "$@"'
-        return [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            script,
-            str(self.mount_point),
-            *command,
-        ]
+        mount = f'mount -t tmpfs -o size={self.size_bytes} tmpfs "$0"'
+        return in_private_mounts(mount, self.mount_point, command)
 
     def seen_by(self, pid: int) -> Path:
         """The disk as the process ``pid`` sees it."""

@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 
 from tests.support.net import fresh_loopback_ip
+from tests.support.processes import in_private_mounts
 
 DNS_PORT = 53
 
@@ -26,18 +27,7 @@ class SilentDns:
 
     def wrap(self, command: list[str]) -> list[str]:
         """``command`` run with this server as its only name server."""
-        script = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
-        return [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            script,
-            str(self.resolv_conf),
-            *command,
-        ]
+        return in_private_mounts('mount --bind "$0" /etc/resolv.conf', self.resolv_conf, command)
 
     def close(self) -> None:
         self._socket.close()

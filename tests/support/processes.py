@@ -86,3 +86,19 @@ class ManagedProcess:
                 self.process.wait(5)
         self._log.close()
         return self.process.returncode
+
+
+def in_private_mounts(mount: str, argument: Path, command: list[str]) -> list[str]:
+    """``command`` run in its own mount namespace after the shell ``mount`` (``$0`` is
+    ``argument``), so a test can change the world one process sees without touching the host's."""
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f'{mount} && exec "$@"',
+        str(argument),
+        *command,
+    ]
