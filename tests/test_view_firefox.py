@@ -2,7 +2,8 @@
 
 The same path as tests/test_view.py proves in Chromium: devhub -> agent -> gst-rtsp-server camera,
 the relay's session API calling ``tunnelOpen``, PyAV remuxing to fragmented MP4, and here
-Firefox's MSE (H.264 decoded through the system's libavcodec). One browser and one bed serve the
+Firefox's MSE (H.264, and H.265 where Firefox says it can, decoded through the system's
+libavcodec). One browser and one bed serve the
 whole module; each test reopens the page.
 """
 
@@ -37,18 +38,24 @@ class Bed:
     def base(self) -> str:
         return f"https://127.0.0.1:{self.relay.port}"
 
-    def session(self) -> dict[str, Any]:
-        return self.cloud.servers.run(create_session(self.cloud, self.relay, rtspPath="/test"))
+    def session(self, camera: str = "plain") -> dict[str, Any]:
+        port = self.cloud.camera_port(camera)
+        made = create_session(self.cloud, self.relay, localPort=port, rtspPath="/test")
+        return self.cloud.servers.run(made)
 
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory, servers: ThreadLoop) -> Iterator[Bed]:
     folder = tmp_path_factory.mktemp("view-firefox")
-    camera = RtspCamera(folder / "camera")
-    cloud = start_bed(folder, servers, {"plain": camera})
+    cameras = {
+        "plain": RtspCamera(folder / "camera"),
+        "hevc": RtspCamera(folder / "camera-h265", extra=["--codec", "h265"]),
+    }
+    cloud = start_bed(folder, servers, cameras)
     yield Bed(cloud, cloud.start_relay())
     cloud.close()
-    camera.stop()
+    for camera in cameras.values():
+        camera.stop()
 
 
 @pytest.fixture(scope="module")
@@ -69,21 +76,15 @@ def page(firefox: Firefox) -> Iterator[Firefox]:
 
 def test_firefox_plays_the_camera(bed: Bed, page: Firefox, tmp_path: Path) -> None:
     session = bed.session()
-    codec = page.run(
-        "return MediaSource.isTypeSupported(arguments[0])", 'video/mp4; codecs="avc1.64001f"'
-    )
 
     page.open(session["viewUrl"])
-    first, last = page.wait_playing(3.0)
+    stream = _stream_offered(page)
+    assert stream["codecs"][0].startswith("avc1") and _can_play(page, stream)
+    _assert_plays(page, tmp_path / "playing-firefox.png")
 
-    assert codec is True
-    assert (last["width"], last["height"]) == CAMERA_SIZE
-    assert last["currentTime"] - first["currentTime"] >= 3.0
     shown = page.wait(lambda s: s["shownViewers"] == "1" and "kbit/s" in s["shownBitrate"])
     assert shown["shownResolution"] == "640 x 360" and shown["shownState"] == "live"
     assert "#token" not in page.url
-    screenshot = page.screenshot(tmp_path / "playing-firefox.png")
-    print(f"screenshot of the playing page in Firefox {page.version}: {screenshot}")
 
 
 def test_firefox_shows_a_refused_token_and_no_tunnel_opens(bed: Bed, page: Firefox) -> None:
@@ -113,3 +114,42 @@ def test_firefox_index_page_lists_a_session_made_through_the_api(bed: Bed, page:
     assert cells[:3] == [session["id"], AGENT_DEVICE, str(bed.cloud.camera_port())]
     assert API_KEY in page.run("return Object.values(sessionStorage)")
     assert API_KEY not in page.url
+
+
+def test_firefox_plays_h265_where_it_says_it_can(bed: Bed, page: Firefox, tmp_path: Path) -> None:
+    session = bed.session("hevc")
+
+    page.open(session["viewUrl"])
+    stream = _stream_offered(page)
+
+    assert stream["codecs"][0].startswith(("hvc1", "hev1"))
+    if _can_play(page, stream):
+        _assert_plays(page, tmp_path / "playing-firefox-h265.png")
+    else:
+        refused = page.wait(lambda s: s["error"] == "unsupported")
+        assert "H.265" in refused["shownMessage"] and "cannot play" in refused["shownMessage"]
+
+
+def _stream_offered(page: Firefox) -> dict[str, Any]:
+    """The stream the relay offered the page (codec strings, MIME type)."""
+    stream: dict[str, Any] = page.wait_for(
+        "return window.tunnelView && window.tunnelView.stream", timeout_s=30
+    )
+    return stream
+
+
+def _can_play(page: Firefox, stream: dict[str, Any]) -> bool:
+    supported = page.run("return MediaSource.isTypeSupported(arguments[0])", stream["mimeType"])
+    print(
+        f"Firefox {page.version}: MediaSource.isTypeSupported({stream['mimeType']}) = {supported}"
+    )
+    return supported is True
+
+
+def _assert_plays(page: Firefox, screenshot: Path) -> None:
+    """The page plays the camera: 3 s of playback, frames decoded and shown, the camera's size."""
+    first, last = page.wait_playing(3.0)
+    assert (last["width"], last["height"]) == CAMERA_SIZE
+    assert last["currentTime"] - first["currentTime"] >= 3.0
+    assert last["framesShown"] - first["framesShown"] >= 15  # the camera sends 15 per second
+    print(f"screenshot of the playing page: {page.screenshot(screenshot)}")
