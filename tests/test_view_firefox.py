@@ -3,8 +3,7 @@
 The same path as tests/test_view.py proves in Chromium: devhub -> agent -> gst-rtsp-server camera,
 the relay's session API calling ``tunnelOpen``, PyAV remuxing to fragmented MP4, and here
 Firefox's MSE (H.264, and H.265 where Firefox says it can, decoded through the system's
-libavcodec). One browser and one bed serve the
-whole module; each test reopens the page.
+libavcodec). One browser and one bed serve the whole module; each test reopens the page.
 """
 
 from __future__ import annotations
