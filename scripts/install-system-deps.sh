@@ -19,6 +19,8 @@ TEST_PACKAGES=(
   chromium chromium-driver vlc-bin vlc-plugin-base gstreamer1.0-tools gstreamer1.0-libav
 )
 # Ubuntu's archive has no firefox-esr (its firefox is a snap): there the Firefox tests skip.
+# Firefox decodes H.264 with the system's libavcodec, only a Recommends of firefox-esr: the ffmpeg
+# package above brings it.
 OS_ID=$(. /etc/os-release && echo "${ID:-}")
 [ "$OS_ID" = ubuntu ] || TEST_PACKAGES+=(firefox-esr)
 
