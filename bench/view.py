@@ -236,7 +236,10 @@ class ViewRig:
 
 
 class Viewers:
-    """WebSocket viewers on the rig's loop: authenticate, then read and count everything."""
+    """WebSocket viewers on the rig's loop: authenticate, then read and count everything.
+
+    They offer permessage-deflate as Chromium and Firefox do, so the relay's answer to that offer
+    is part of what is measured."""
 
     def __init__(self, rig: ViewRig) -> None:
         self.rig = rig
@@ -259,7 +262,8 @@ class Viewers:
         url = f"wss://{LOOPBACK}:{self.rig.relay_port}/v1/sessions/{session_id}/live"
         async with (
             aiohttp.ClientSession() as client,
-            client.ws_connect(url, ssl=self.rig.tls, max_msg_size=0) as ws,
+            # compress=15: offer permessage-deflate, as browsers do.
+            client.ws_connect(url, ssl=self.rig.tls, max_msg_size=0, compress=15) as ws,
         ):
             await ws.send_str(json.dumps({"type": "auth", "token": token}))
             async for message in ws:

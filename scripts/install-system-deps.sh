@@ -12,12 +12,17 @@ DEMO_PACKAGES=(
   mosquitto
 )
 # Proxies (HTTP, SOCKS5, and Dante for SOCKS4), ffprobe/ffmpeg, socat, systemd-analyze, network
-# namespaces (iproute2), a browser and its driver, and RTSP clients that are not FFmpeg (VLC,
-# GStreamer's gst-launch-1.0 rtspsrc).
+# namespaces (iproute2), browsers (Chromium and its driver; Firefox ESR, driven over its own
+# WebDriver BiDi), and RTSP clients that are not FFmpeg (VLC, GStreamer's gst-launch-1.0 rtspsrc).
 TEST_PACKAGES=(
   tinyproxy microsocks dante-server ffmpeg socat systemd iproute2
   chromium chromium-driver vlc-bin vlc-plugin-base gstreamer1.0-tools gstreamer1.0-libav
 )
+# Ubuntu's archive has no firefox-esr (its firefox is a snap): there the Firefox tests skip.
+# Firefox decodes H.264 with the system's libavcodec, only a Recommends of firefox-esr: the ffmpeg
+# package above brings it.
+OS_ID=$(. /etc/os-release && echo "${ID:-}")
+[ "$OS_ID" = ubuntu ] || TEST_PACKAGES+=(firefox-esr)
 
 case "${1:-test}" in
   demo) PACKAGES=("${DEMO_PACKAGES[@]}") ;;

@@ -432,6 +432,21 @@ async def test_a_revoked_session_closes_its_viewers_watch(bed: Bed) -> None:
     await until(lambda: session_id not in watches, timeout_s=10)
 
 
+async def test_video_leaves_uncompressed_for_a_viewer_offering_deflate(bed: Bed) -> None:
+    """Browsers offer permessage-deflate; deflating video costs CPU and saves nothing."""
+    session = bed.session()
+    url = f"wss://127.0.0.1:{bed.relay.port}/v1/sessions/{session['id']}/live"
+    async with (
+        aiohttp.ClientSession() as client,
+        client.ws_connect(url, ssl=bed.tls(), compress=15) as ws,
+    ):
+        assert ws.compress == 0  # the offer was declined
+        await ws.send_str(json.dumps({"type": "auth", "token": session["token"]}))
+        while (message := await ws.receive(timeout=20)).type != aiohttp.WSMsgType.BINARY:
+            assert message.type == aiohttp.WSMsgType.TEXT
+        assert message.data[4:8] == b"ftyp"  # the init segment, as written
+
+
 def test_the_index_page_lists_sessions_and_makes_one_that_plays(
     bed: Bed, browser: Browser, blank: None
 ) -> None:

@@ -1,24 +1,26 @@
-"""The browser view's pure parts: MP4 box reading, timestamps, the GOP cache and viewer queues.
+"""The browser view's pure parts: fragmented MP4 writing, timestamps, the GOP cache and queues.
 
-The MP4 bytes come from FFmpeg's own muxer (through PyAV), encoded here from synthetic frames, so
-the parser is checked against what the relay really emits: H.264, H.265 and AAC.
+Clips are encoded here from synthetic frames (H.264, H.265, AAC) in Matroska (samples as MP4 has
+them) and MPEG-TS (Annex B with start codes, as FFmpeg hands RTSP video over); what the relay
+writes from them is read back with FFmpeg's own MP4 demuxer and decoders (through PyAV).
 """
 
 from __future__ import annotations
 
+import io
 import threading
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import av
+import av.container
 import pytest
 
-from tunnel_agent.cloud.relay.view import fanout
+from tunnel_agent.cloud.relay.view import fanout, fmp4
 from tunnel_agent.cloud.relay.view.boxes import (
-    BoxSplitter,
     aac_codec_string,
     describe_init,
-    fragment_starts_with_sync,
     hevc_codec_string,
 )
 from tunnel_agent.cloud.relay.view.fanout import GopCache, Offer, ViewerQueue
@@ -35,9 +37,11 @@ FPS = 15
 GOP = 5
 
 
-def make_clip(path: Path, video_codec: str, *, audio: bool, frames: int = 20) -> None:
+def make_clip(
+    path: Path, video_codec: str, *, audio: bool, frames: int = 20, container: str = "matroska"
+) -> None:
     """A small file with ``frames`` frames, a keyframe every ``GOP``, optionally AAC audio."""
-    with av.open(str(path), "w", format="matroska") as out:
+    with av.open(str(path), "w", format=container) as out:
         video = out.add_stream(video_codec, rate=FPS)
         video.width, video.height, video.pix_fmt = 320, 240, "yuv420p"
         video.options = (
@@ -101,11 +105,54 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "h264": folder / "h264.mkv",
         "h264+aac": folder / "h264-aac.mkv",
         "h265": folder / "h265.mkv",
+        "h264 annexb": folder / "h264.ts",
+        "h265 annexb": folder / "h265.ts",
     }
     make_clip(made["h264"], "libx264", audio=False)
     make_clip(made["h264+aac"], "libx264", audio=True)
     make_clip(made["h265"], "libx265", audio=False)
+    make_clip(made["h264 annexb"], "libx264", audio=False, container="mpegts")
+    make_clip(made["h265 annexb"], "libx265", audio=False, container="mpegts")
     return made
+
+
+@dataclass(frozen=True)
+class Read:
+    kind: str  # "video" or "audio"
+    data: bytes
+    keyframe: bool
+    dts_s: float
+    duration: int
+
+
+def read_packets(container: av.container.InputContainer, kind: str | None = None) -> list[Read]:
+    streams = [s for s in container.streams if kind is None or s.type == kind]
+    return [
+        Read(p.stream.type, bytes(p), p.is_keyframe, float(p.dts * p.time_base), p.duration or 0)
+        for p in container.demux(*streams)
+        if p.size
+    ]
+
+
+def read_back(sink: Collect) -> list[Read]:
+    """The relay's output as FFmpeg's MP4 demuxer reads it: init segment, then every fragment."""
+    data = sink.inits[0].data + b"".join(f.data for f in sink.fragments)
+    with av.open(io.BytesIO(data), "r", format="mp4") as container:
+        return read_packets(container)
+
+
+def source_packets(path: Path, kind: str) -> list[Read]:
+    with av.open(str(path)) as container:
+        return read_packets(container, kind)
+
+
+def decoded_frames(path: Path, sink: Collect) -> int:
+    """Frames FFmpeg decodes from the relay's output: the sample entry and samples are right."""
+    data = sink.inits[0].data + b"".join(f.data for f in sink.fragments)
+    with av.open(io.BytesIO(data), "r", format="mp4") as container:
+        frames = list(container.decode(video=0))
+    assert all((f.width, f.height) == (320, 240) for f in frames)
+    return len(frames)
 
 
 def test_h264_remux_gives_one_init_then_fragments_cut_at_keyframes(
@@ -167,28 +214,74 @@ def test_snapshot_decodes_a_keyframe_alone(clips: dict[str, Path]) -> None:
     assert jpeg[:3] == b"\xff\xd8\xff" and (width, height) == (320, 240)
 
 
-def test_box_splitter_reassembles_boxes_fed_a_byte_at_a_time(clips: dict[str, Path]) -> None:
-    sink = remux_file(clips["h264"])
-    stream = sink.inits[0].data + b"".join(f.data for f in sink.fragments[:3])
-    splitter = BoxSplitter()
+def test_fragments_read_back_as_the_packets_they_were_made_of(clips: dict[str, Path]) -> None:
+    sink = remux_file(clips["h264+aac"])
+    back = read_back(sink)
+    video = [p for p in back if p.kind == "video"]
+    audio = [p for p in back if p.kind == "audio"]
+    source_video = source_packets(clips["h264+aac"], "video")
+    source_audio = source_packets(clips["h264+aac"], "audio")
 
-    boxes = [box for i in range(len(stream)) for box in splitter.feed(stream[i : i + 1])]
+    assert [p.data for p in video] == [p.data for p in source_video]
+    assert [p.keyframe for p in video] == [p.keyframe for p in source_video]
+    # Audio from before the first keyframe (the encoder's priming frame) has no picture.
+    start_s = source_video[0].dts_s
+    assert [p.data for p in audio] == [p.data for p in source_audio if p.dts_s >= start_s]
+    assert len(audio) >= len(source_audio) - 1
+    times = [p.dts_s for p in video]
+    assert times == sorted(times) and times[0] == 0.0
+    assert abs(times[-1] - 19 / FPS) < 0.002  # durations add up to the source's timing
+    audio_end = audio[-1].dts_s
+    assert abs(audio_end - times[-1]) < 0.1  # audio and video stay together
 
-    assert [kind for kind, _ in boxes] == [b"ftyp", b"moov"] + [b"moof", b"mdat"] * 3
-    assert b"".join(box for _, box in boxes) == stream
-    assert splitter.pending_bytes == 0
+
+@pytest.mark.parametrize("clip", ["h264", "h265", "h264 annexb", "h265 annexb"])
+def test_every_frame_decodes_from_the_fragments(clips: dict[str, Path], clip: str) -> None:
+    sink = remux_file(clips[clip])
+
+    assert decoded_frames(clips[clip], sink) == 20
+    video = sink.inits[0].info.video
+    assert video is not None and (video.width, video.height) == (320, 240)
+    assert [i for i, f in enumerate(sink.fragments) if f.keyframe] == [0, 3, 6, 9]
 
 
-def test_moov_and_moof_reading(clips: dict[str, Path]) -> None:
-    sink = remux_file(clips["h264"])
-    moov = sink.inits[0].data[sink.inits[0].data.index(b"moov") - 4 :]
-    info = describe_init(moov)
-    assert info.video is not None
-    track = info.video.track_id
-    moofs = [f.data[: int.from_bytes(f.data[:4], "big")] for f in sink.fragments]
+def test_annexb_video_gets_its_configuration_record_from_the_parameter_sets(
+    clips: dict[str, Path],
+) -> None:
+    h264 = remux_file(clips["h264 annexb"]).inits[0]
+    h265 = remux_file(clips["h265 annexb"]).inits[0]
+    from_record = remux_file(clips["h264"]).inits[0]
 
-    assert [fragment_starts_with_sync(m, track) for m in moofs[:4]] == [True, False, False, True]
-    assert not fragment_starts_with_sync(moofs[0], track + 1)  # not the video track
+    assert h264.info.mime_type == from_record.info.mime_type  # same encoder settings
+    h265_video = h265.info.video
+    assert h265_video is not None and h265_video.codec.startswith("hvc1.1.6.L")
+
+
+def test_split_annexb_handles_three_and_four_byte_start_codes() -> None:
+    stream = b"\x00\x00\x00\x01\x67\x42\x00\x00\x01\x68\xce\x00\x00\x00\x01\x65\x88\x00"
+
+    assert fmp4.split_annexb(stream) == [b"\x67\x42", b"\x68\xce", b"\x65\x88"]
+    assert fmp4.length_prefixed([b"\x65\x88"]) == b"\x00\x00\x00\x02\x65\x88"
+
+
+def test_fragmenter_cuts_at_keyframes_and_every_tenth_of_a_second() -> None:
+    video = fmp4.VideoTrack("h264", 320, 240, 90000, fmp4.avcc([b"\x67\x42\x00\x1e"], [b"\x68"]))
+    fragmenter = fmp4.Fragmenter(video, None, 0.1)
+    frame_ticks = 3600  # 25 fps
+    cuts = []
+    for index in range(10):
+        sample = fmp4.Sample(bytes([index]) * 10, index * frame_ticks, 0, index in (0, 7))
+        cuts.append(fragmenter.add_video(sample))
+    cuts.append(fragmenter.flush())
+
+    done = [(i, cut[1]) for i, cut in enumerate(cuts) if cut is not None]
+    # 0.1 s = 2.5 frames: frames 0-2, 3-5, 6, then the keyframe 7 starts one, flushed at the end
+    assert done == [(3, True), (6, False), (7, False), (10, True)]
+    last = cuts[10]
+    assert last is not None
+    with av.open(io.BytesIO(fmp4.init_segment([video]) + last[0]), "r", format="mp4") as back:
+        packets = read_packets(back)
+    assert [p.duration for p in packets] == [frame_ticks] * 3  # the last one repeats its previous
 
 
 def test_hevc_codec_string_follows_the_spec_examples() -> None:

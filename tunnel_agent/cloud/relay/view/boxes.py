@@ -1,11 +1,9 @@
-"""Just enough ISO BMFF (MP4) reading to cut a fragmented MP4 stream and describe it to MSE.
+"""Just enough ISO BMFF (MP4) reading to describe an init segment to MSE.
 
-The muxer (FFmpeg's, through PyAV) writes an init segment (``ftyp`` + ``moov``) and then
-fragments (``moof`` + ``mdat``) of a few frames each. The fan-out needs three facts it does not
-tell us directly: where each top-level box ends, whether a fragment starts with a video keyframe
-(a late joiner must start there), and the RFC 6381 codec strings (``avc1.64001f``,
-``hvc1.1.6.L93.B0``, ``mp4a.40.2``) that ``MediaSource.isTypeSupported`` wants. Pure functions
-over bytes, no I/O.
+The page needs the RFC 6381 codec strings (``avc1.64001f``, ``hvc1.1.6.L93.B0``, ``mp4a.40.2``)
+that ``MediaSource.isTypeSupported`` wants, and the picture size; both are read back from the
+``moov`` the relay writes (``fmp4.py``), so what the page is told is what the bytes say. Pure
+functions over bytes, no I/O.
 """
 
 from __future__ import annotations
@@ -15,25 +13,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 HEADER_BYTES = 8
-MAX_BOX_BYTES = 64 * 1024 * 1024  # a single frame larger than this is not a camera stream
 
 # Bytes between a sample entry's header and its child boxes (ISO/IEC 14496-12, 12.1 and 12.2).
 VISUAL_SAMPLE_ENTRY_BYTES = 78
 AUDIO_SAMPLE_ENTRY_BYTES = 28
 STSD_PREFIX_BYTES = 8  # version/flags + entry_count
 
-# Sample flags (14496-12, 8.8.3.1): sample_is_non_sync_sample.
-NON_SYNC_SAMPLE = 0x0001_0000
-TFHD_DEFAULT_SAMPLE_FLAGS = 0x0000_20
-TRUN_DATA_OFFSET = 0x0000_01
-TRUN_FIRST_SAMPLE_FLAGS = 0x0000_04
-TRUN_SAMPLE_DURATION = 0x0001_00
-TRUN_SAMPLE_SIZE = 0x0002_00
-TRUN_SAMPLE_FLAGS = 0x0004_00
-
 
 class MalformedMp4(ValueError):
-    """The muxer's output could not be parsed (a bug or a corrupted stream, never user input)."""
+    """An init segment could not be parsed (a bug, never user input)."""
 
 
 def iter_boxes(
@@ -72,34 +60,6 @@ def path(payload: memoryview, *kinds: bytes) -> memoryview | None:
             return None
         current = child(current, kind)
     return current
-
-
-class BoxSplitter:
-    """Cuts a byte stream into complete top-level boxes as the muxer writes it."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
-        self._buffer += data
-        boxes: list[tuple[bytes, bytes]] = []
-        while len(self._buffer) >= HEADER_BYTES:
-            size, kind = struct.unpack_from(">I4s", self._buffer)
-            if size == 1 and len(self._buffer) >= 16:
-                (size,) = struct.unpack_from(">Q", self._buffer, HEADER_BYTES)
-            elif size == 1:
-                break
-            if size < HEADER_BYTES or size > MAX_BOX_BYTES:
-                raise MalformedMp4(f"top-level box {bytes(kind)!r} claims {size} bytes")
-            if len(self._buffer) < size:
-                break
-            boxes.append((bytes(kind), bytes(self._buffer[:size])))
-            del self._buffer[:size]
-        return boxes
-
-    @property
-    def pending_bytes(self) -> int:
-        return len(self._buffer)
 
 
 @dataclass(frozen=True)
@@ -212,42 +172,3 @@ def aac_codec_string(esds: bytes) -> str:
         else:
             offset += size
     return f"mp4a.{object_type:x}"
-
-
-def fragment_starts_with_sync(moof: bytes, video_track_id: int) -> bool:
-    """Whether the video track's first sample in this ``moof`` is a sync sample (a keyframe)."""
-    body = memoryview(moof)[HEADER_BYTES:]
-    for kind, traf in iter_boxes(body):
-        if kind != b"traf":
-            continue
-        tfhd = child(traf, b"tfhd")
-        trun = child(traf, b"trun")
-        if tfhd is None or trun is None:
-            continue
-        track_id = struct.unpack_from(">I", tfhd, 4)[0]
-        if track_id != video_track_id:
-            continue
-        return not _first_sample_flags(tfhd, trun) & NON_SYNC_SAMPLE
-    return False
-
-
-def _first_sample_flags(tfhd: memoryview, trun: memoryview) -> int:
-    tfhd_flags = int.from_bytes(tfhd[1:4], "big")
-    default_flags = 0
-    if tfhd_flags & TFHD_DEFAULT_SAMPLE_FLAGS:
-        offset = 8
-        for bit, size in ((0x01, 8), (0x02, 4), (0x08, 4), (0x10, 4)):
-            if tfhd_flags & bit:
-                offset += size
-        default_flags = struct.unpack_from(">I", tfhd, offset)[0]
-    trun_flags = int.from_bytes(trun[1:4], "big")
-    offset = 8  # version/flags, sample_count
-    if trun_flags & TRUN_DATA_OFFSET:
-        offset += 4
-    if trun_flags & TRUN_FIRST_SAMPLE_FLAGS:
-        return int(struct.unpack_from(">I", trun, offset)[0])
-    if trun_flags & TRUN_SAMPLE_FLAGS:
-        offset += 4 * bool(trun_flags & TRUN_SAMPLE_DURATION)
-        offset += 4 * bool(trun_flags & TRUN_SAMPLE_SIZE)
-        return int(struct.unpack_from(">I", trun, offset)[0])
-    return default_flags
