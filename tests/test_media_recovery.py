@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,9 @@ from tests.support.waiting import until
 from tests.test_media import FAST
 from tunnel_agent.media.backoff import Backoff
 from tunnel_agent.media.mqtt import MqttPublisher, OutgoingMessage
+from tunnel_agent.media.packets import MediaPacket
 from tunnel_agent.media.settings import MqttSettings, StreamSettings
-from tunnel_agent.media.tasks.base import FrameTask
+from tunnel_agent.media.tasks.base import FrameTask, PacketTask
 
 MIB = 2**20
 
@@ -123,6 +125,55 @@ async def test_a_full_task_queue_drops_the_oldest_item(tmp_path: Path) -> None:
         await asyncio.to_thread(task.stop)
     assert task.handled == [0, 3, 4, 5]  # 1 and 2, the oldest waiting, were dropped
     assert task.counters["dropped_queue_full"] == 2
+
+
+class HeldPacketTask(PacketTask):
+    """A packet task that holds its first packet until the test releases it."""
+
+    queue_size = 1
+
+    def __init__(self) -> None:
+        settings = StreamSettings(name="held", task="stream-to-rtsp", media_server_address="::1")
+        super().__init__("cam", settings, Backoff())
+        self.release = threading.Event()
+        self.busy = threading.Event()
+        self.handled: list[Any] = []
+
+    def handle(self, item: Any) -> None:
+        self.busy.set()
+        self.release.wait(10)
+        self.handled.append(item.dts)
+
+
+def packet_at(seconds: float) -> MediaPacket:
+    dts = round(seconds * 90_000)
+    return MediaPacket(b"x", dts, dts, Fraction(1, 90_000), False, 1, 0.0)
+
+
+async def test_packets_go_to_a_task_in_batches_of_batch_s_and_drops_count_packets() -> None:
+    task = HeldPacketTask()
+    assert task.batch_s == 0.1
+    task.start()
+    try:
+        task.on_packet(packet_at(0.0))
+        task.on_packet(packet_at(0.2))  # spans 0.2 s: the batch goes, and is held at its first
+        await asyncio.to_thread(task.busy.wait, 10)
+        for seconds in (1.00, 1.04, 1.08):
+            task.on_packet(packet_at(seconds))
+        assert task.counters["dropped_queue_full"] == 0
+        task.on_packet(packet_at(1.12))  # 0.12 s since 1.00: a batch of 4 fills the queue
+        for seconds in (1.16, 1.20, 1.24, 1.28):
+            task.on_packet(packet_at(seconds))  # the next batch of 4 pushes the first one out
+        assert task.counters["dropped_queue_full"] == 4
+        task.release.set()
+        await until(lambda: len(task.handled) == 6, 10)
+        task.on_packet(packet_at(1.32))
+        task.flush()  # what is left goes on demand (the source flushes when it stops reading)
+        await until(lambda: len(task.handled) == 7, 10)
+    finally:
+        task.release.set()
+        await asyncio.to_thread(task.stop)
+    assert task.handled == [packet_at(s).dts for s in (0.0, 0.2, 1.16, 1.20, 1.24, 1.28, 1.32)]
 
 
 async def test_while_the_broker_is_down_the_mqtt_queue_drops_the_oldest(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from tests.support.threadloop import ThreadLoop
 from tests.support.waiting import until
 from tests.support.ws_endpoint import Session, TunnelEndpoint, sink_handler
 from tunnel_agent.cloud.devhub.certs import LocalCA
+from tunnel_agent.tunnel.connect import READ_LIMIT_BYTES, BoundedReads
 
 CLOSE_BOUND_S = 2.5
 # The README: a side's write buffer passing 256 KiB stops the other side's reading, so at most
@@ -302,3 +303,23 @@ async def test_a_close_right_after_the_handshake_closes_everything(
         assert tunnel.ws is not None and tunnel.ws.is_disconnected
     assert service.registry.open_tunnels == []
     assert await stub.all_closed(CLOSE_BOUND_S)
+
+
+async def test_the_agent_runs_tls_on_the_socket_and_bounds_each_read(
+    ca: LocalCA, endpoint: TunnelEndpoint, servers: ThreadLoop, stub: TcpCamera
+) -> None:
+    """No memory BIOs in front of a wss tunnel (its memory), and picows is handed bounded reads
+    (the backpressure tests above hold on the socket BIO because of it)."""
+    service = service_for(ca, stub.port)
+    session = await servers.call(endpoint.new_session(handler=sink_handler))
+    tunnel = await open_via(service, endpoint, session, stub.port)
+    assert tunnel.ws is not None
+    ws_transport = tunnel.ws.underlying_transport
+    assert ws_transport.get_extra_info("ssl_incoming_use_membio") is False
+    assert ws_transport.get_extra_info("ssl_outgoing_use_membio") is False
+    assert ws_transport.get_extra_info("cipher") is not None
+    reads = ws_transport.get_protocol()
+    assert isinstance(reads, BoundedReads)
+    assert len(reads.get_buffer(-1)) <= READ_LIMIT_BYTES
+    tunnel.close("test over")
+    await asyncio.wait_for(asyncio.shield(tunnel.closed), CLOSE_BOUND_S)

@@ -24,7 +24,7 @@ from tunnel_agent.media.desired import (
 )
 from tunnel_agent.media.service import MediaService
 from tunnel_agent.observability.twin import TwinReporter
-from tunnel_agent.tunnel.connect import ConnectOptions, tls_context
+from tunnel_agent.tunnel.connect import ConnectOptions, tunnel_tls_context
 from tunnel_agent.tunnel.contract import TUNNEL_OPEN_METHOD
 from tunnel_agent.tunnel.errors import unknown_method
 from tunnel_agent.tunnel.pump import PumpLimits
@@ -80,7 +80,7 @@ def build_tunnel_service(settings: AgentSettings, environ: Mapping[str, str]) ->
     options = ConnectOptions(
         connect_timeout_s=tunnel.connect_timeout,
         handshake_timeout_s=tunnel.handshake_timeout,
-        ssl_context=tls_context(tunnel.ca_file),
+        ssl_context=tunnel_tls_context(tunnel.ca_file),
         user_agent=lambda t: build_user_agent(__version__, platform_info, t.make, t.model),
         limits=PumpLimits(
             ping_interval_s=tunnel.ping_interval,

@@ -38,7 +38,8 @@ class MediaPacket:
 
     @property
     def seconds(self) -> float:
-        return float(self.dts * self.time_base)
+        # Not float(dts * time_base): Fraction arithmetic costs microseconds, per packet per task.
+        return self.dts * self.time_base.numerator / self.time_base.denominator
 
 
 class StreamTemplate:

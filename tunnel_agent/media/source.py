@@ -284,10 +284,30 @@ class CameraSource(SourceBase):
         if continue_at is None:
             self._new_generation(stream)
         timeline = _Timeline(continue_at)
+        try:
+            self._move_packets(container, stream, timeline, live, pace)
+        finally:
+            for task in self.packet_tasks:
+                task.flush()  # what was batched goes on, also when the source stalls or fails
+        return timeline.end
+
+    def _move_packets(
+        self,
+        container: av.container.InputContainer,
+        stream: av.video.stream.VideoStream,
+        timeline: _Timeline,
+        live: bool,
+        pace: bool,
+    ) -> None:
         paced_from: tuple[float, float] | None = None
+        # The demuxer gives each packet its stream's time base; PyAV builds a new Fraction on
+        # every read of it, so it is read once here.
+        time_base = stream.time_base
+        if time_base is None:
+            raise ValueError("the video stream has no time base")
         for packet in container.demux(stream):
             if self._stop.is_set():
-                break
+                return
             if self._restart.is_set():
                 raise SourceStalled
             if packet.size == 0:
@@ -296,31 +316,31 @@ class CameraSource(SourceBase):
             self.counters["packets_dropped_bad_timestamps"] += dropped
             for item, raw_dts in ready:
                 dts = timeline.shifted(raw_dts)
-                if not self._usable(stream, timeline.validator, dts, item.time_base):
+                if not self._usable(stream, timeline.validator, dts, time_base):
                     continue
                 now = time.monotonic()
                 self.last_packet_at = now  # only packets the tasks can use count for the watchdog
                 timeline.end = dts + max(int(item.duration or 0), 1)
                 if pace:
-                    seconds = float(dts * item.time_base)
+                    seconds = float(dts * time_base)
                     paced_from = paced_from or (now, seconds)
                     wait = paced_from[0] + (seconds - paced_from[1]) - now
                     if wait > 0 and self._stop.wait(wait):
-                        return timeline.end
-                self._forward(stream, item, dts, timeline.offset or 0, live)
-        return timeline.end
+                        return
+                self._forward(
+                    stream, item, dts, timeline.offset or 0, time_base=time_base, live=live
+                )
 
     def _usable(
         self,
         stream: av.stream.Stream,
         validator: TimestampValidator,
         dts: int,
-        time_base: Fraction | None,
+        time_base: Fraction,
     ) -> bool:
         """Whether a packet's DTS may go on; a clock that restarted starts a new timeline."""
         if validator.is_valid(dts):
             return True
-        assert time_base is not None
         if not validator.jumped_back(dts, int(RESET_AFTER_S / time_base)):
             self.counters["packets_dropped_bad_timestamps"] += 1
             return False
@@ -340,6 +360,8 @@ class CameraSource(SourceBase):
         packet: av.Packet[Any],
         dts: int,
         offset: int,
+        *,
+        time_base: Fraction,
         live: bool,
     ) -> None:
         """Hand one usable packet to the packet tasks and the decoder."""
@@ -353,7 +375,7 @@ class CameraSource(SourceBase):
                 data=bytes(packet),
                 pts=packet.pts + offset if packet.pts is not None else None,
                 dts=dts,
-                time_base=packet.time_base,
+                time_base=time_base,
                 is_keyframe=packet.is_keyframe,
                 generation=self._generation,
                 captured_at=time.time(),

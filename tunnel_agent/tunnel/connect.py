@@ -32,6 +32,11 @@ from tunnel_agent.tunnel.targets import CameraTarget
 
 MAX_FRAME_BYTES = 4 * 1024 * 1024
 READ_BUFFER_INITIAL_BYTES = 4096
+# What one read may hand picows: picows doubles its read buffer whenever a read fills it, and on
+# OpenSSL's socket BIO one read drains as much as the kernel has, so without a bound a peer that
+# sends faster than the camera reads grows it to megabytes, all of it forwarded after the pump
+# paused reading. With the bound, at most this much waits beyond a write buffer's high-water mark.
+READ_LIMIT_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,61 @@ def tls_context(extra_ca_file: Path | None) -> ssl.SSLContext:
     if extra_ca_file is not None:
         context.load_verify_locations(cafile=str(extra_ca_file))
     return context
+
+
+def tunnel_tls_context(extra_ca_file: Path | None) -> ssl.SSLContext:
+    """The agent's context for its WebSockets: TLS straight on the socket (OpenSSL's socket BIO).
+
+    aiofastnet's default engine puts two 257 KiB memory BIOs in front of each connection, most of
+    an idle wss tunnel's memory; on the socket BIO a tunnel costs about what a ws one does, at the
+    same throughput. A TCP end without TLS's close_notify is taken as an end of stream, not an
+    error: aiofastnet's socket-BIO read drops what it read in the same call when it raises, so the
+    peer's last bytes (a handshake answer, the last frames) would be lost with the error. Nothing
+    is truncated unseen: the WebSocket's own CLOSE frame says whether the peer ended on purpose.
+    """
+    context = tls_context(extra_ca_file)
+    context._aiofastnet_force_socket_bio = True  # type: ignore[attr-defined]
+    context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
+    return context
+
+
+class BoundedReads(asyncio.BufferedProtocol):
+    """picows's protocol, handed at most :data:`READ_LIMIT_BYTES` per read."""
+
+    def __init__(
+        self, inner: asyncio.BufferedProtocol, limit_bytes: int = READ_LIMIT_BYTES
+    ) -> None:
+        self._inner = inner
+        self._limit_bytes = limit_bytes
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        buffer = memoryview(self._inner.get_buffer(sizehint))
+        return buffer[: self._limit_bytes] if len(buffer) > self._limit_bytes else buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._inner.buffer_updated(nbytes)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+def bound_reads(ws: picows.WSTransport) -> None:
+    transport = ws.underlying_transport
+    protocol = transport.get_protocol()
+    if isinstance(protocol, asyncio.BufferedProtocol) and not transport.is_closing():
+        transport.set_protocol(BoundedReads(protocol))
 
 
 class OpeningSockets:
@@ -164,7 +224,7 @@ async def connect_tunnel(
                         )
                     )
                     in_proxy = False
-                await picows.ws_connect(
+                ws, _ = await picows.ws_connect(
                     lambda: tunnel.remote,
                     endpoint.url,
                     ssl_context=options.ssl_context if endpoint.secure else None,
@@ -185,5 +245,6 @@ async def connect_tunnel(
         tunnel.abort("open cancelled" if isinstance(exc, asyncio.CancelledError) else "open failed")
         sockets.shut()
         raise
+    bound_reads(ws)
     tunnel.start()
     return tunnel

@@ -113,7 +113,8 @@ class _OpenClip:
 
 
 class ClipToFs(PacketTask):
-    queue_size = 512  # a few seconds of video: a slow disk may lag, not the camera
+    batch_s = 0.5  # files: latency does not matter, wake-ups do
+    queue_size = 40  # batches: ~20 s of video, so a slow disk may lag, not the camera
 
     def __init__(
         self, camera: str, settings: StreamSettings, backoff: Backoff, folder: Path

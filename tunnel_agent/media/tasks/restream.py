@@ -50,7 +50,7 @@ def output_options(settings: StreamSettings) -> dict[str, str]:
 
 
 class StreamToRtsp(PacketTask):
-    queue_size = 256
+    queue_size = 64  # batches of batch_s (0.1 s): a few seconds of video
 
     def __init__(self, camera: str, settings: StreamSettings, backoff: Backoff) -> None:
         super().__init__(camera, settings, backoff)
