@@ -99,7 +99,9 @@ def test_firefox_shows_a_refused_token_and_no_tunnel_opens(bed: Bed, page: Firef
     assert bed.cloud.device_calls() == before
 
 
-def test_firefox_index_page_lists_a_session_made_through_the_api(bed: Bed, page: Firefox) -> None:
+def test_firefox_index_page_lists_sessions_and_makes_one_that_plays(
+    bed: Bed, page: Firefox
+) -> None:
     session = bed.session()
 
     page.open(bed.base + "/")
@@ -114,6 +116,18 @@ def test_firefox_index_page_lists_a_session_made_through_the_api(bed: Bed, page:
     assert cells[:3] == [session["id"], AGENT_DEVICE, str(bed.cloud.camera_port())]
     assert API_KEY in page.run("return Object.values(sessionStorage)")
     assert API_KEY not in page.url
+
+    page.type("#device-id", AGENT_DEVICE)
+    page.run("document.getElementById('local-port').value = ''")  # as a person clears it
+    page.type("#local-port", str(bed.cloud.camera_port()))
+    page.type("#ttl", "600")
+    page.type("#rtsp-path", "/test")
+    view = page.navigates(lambda: page.click("#create-form button[type=submit]"), to="/view")
+    _, last = page.wait_playing(2.0)  # the new session's view opened and plays
+
+    assert (last["width"], last["height"]) == CAMERA_SIZE
+    made = view.split("/")[-2]
+    assert made != session["id"] and made in bed.relay.relay.sessions.sessions
 
 
 def test_firefox_plays_h265_where_it_says_it_can(bed: Bed, page: Firefox, tmp_path: Path) -> None:

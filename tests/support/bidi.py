@@ -22,6 +22,8 @@ import re
 import shutil
 import signal
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +123,7 @@ class BidiConnection:
         self.ids = itertools.count(1)
         self.waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.log: list[dict[str, Any]] = []
+        self.loaded: list[str] = []  # URLs of pages whose load event fired, in order
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
@@ -131,6 +134,8 @@ class BidiConnection:
             if data.get("type") == "event":
                 if data["method"] == "log.entryAdded":
                     self.log.append(data["params"])
+                elif data["method"] == "browsingContext.load":
+                    self.loaded.append(data["params"]["url"])
                 continue
             future = self.waiting.pop(data.get("id", -1), None)
             if future is not None and not future.done():
@@ -214,7 +219,9 @@ class Firefox(PageChecks):
         capabilities = {"alwaysMatch": {"acceptInsecureCerts": True}}
         session = await self.bidi.command("session.new", {"capabilities": capabilities})
         self.version: str = session["capabilities"]["browserVersion"]
-        await self.bidi.command("session.subscribe", {"events": ["log.entryAdded"]})
+        await self.bidi.command(
+            "session.subscribe", {"events": ["log.entryAdded", "browsingContext.load"]}
+        )
         tree = await self.bidi.command("browsingContext.getTree", {"maxDepth": 0})
         context: str = tree["contexts"][0]["context"]
         viewport = {"width": 1280, "height": 1000}  # as the Chromium tests' window
@@ -285,6 +292,18 @@ class Firefox(PageChecks):
         keys = [{"type": kind, "value": char} for char in text for kind in ("keyDown", "keyUp")]
         keyboard = {"type": "key", "id": "keyboard", "actions": keys}
         self.command("input.performActions", {"context": self.context, "actions": [keyboard]})
+
+    def navigates(self, action: Callable[[], None], to: str, timeout_s: float = 20.0) -> str:
+        """Do ``action`` (a click that leaves the page), then wait until a page whose URL contains
+        ``to`` has loaded, so that no script runs in the page being left; that URL."""
+        assert self.bidi is not None
+        seen = len(self.bidi.loaded)
+        action()
+        deadline = time.monotonic() + timeout_s
+        while not (urls := [url for url in self.bidi.loaded[seen:] if to in url]):
+            assert time.monotonic() < deadline, f"no page {to!r} loaded: {self.bidi.loaded[seen:]}"
+            time.sleep(0.05)
+        return urls[0]
 
     def errors(self) -> list[str]:
         """Console errors and uncaught exceptions so far (CSP violations among them)."""
