@@ -410,7 +410,7 @@ def summary(results: list[Result]) -> tuple[list[str], list[list[object]]]:
         ffmpeg = means.get(f"{case.group} ffmpeg")
         if case.tool == "agent" and ffmpeg:
             target = f"{cpu / ffmpeg:.2f}x ffmpeg"
-            if case.group == "clip":
+            if case.group in ("clip", "rtsp"):
                 target = f"agent <= ffmpeg: {'met' if cpu <= ffmpeg else 'MISSED'} ({target})"
         elif key == SNAPSHOT_REFERENCE:
             verdict = "met" if cpu < TARGET_SNAPSHOT_PCT else "MISSED"
