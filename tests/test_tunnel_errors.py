@@ -256,6 +256,19 @@ async def test_handshake_that_never_completes_times_out(
     assert HANDSHAKE_TIMEOUT_S <= took < HANDSHAKE_TIMEOUT_S + 3
 
 
+async def test_an_endpoint_that_hangs_up_before_its_upgrade_answer_is_a_502(
+    agent: AgentRunner, hub: HubHarness, endpoint: TunnelEndpoint, fresh: FreshCamera
+) -> None:
+    """TLS up, request read, connection closed: no tunnel is reported open, the camera is let go."""
+    url = endpoint.url("/t", listener="wss_drop")
+    status, body, took = await open_tunnel(hub, url, "t", fresh.port)
+
+    assert status == 502
+    assert_error(body, "502", url, "Remote endpoint closed the connection during the handshake")
+    assert took < HANDSHAKE_TIMEOUT_S
+    assert len(fresh.connections) == 1  # the camera was reached, and (fixture) closed again
+
+
 async def test_ws_scheme_is_refused_unless_allowed(
     agent: AgentRunner, hub: HubHarness, endpoint: TunnelEndpoint, fresh: FreshCamera
 ) -> None:

@@ -4,8 +4,9 @@ A test opens a *session* (a token and a consumer TCP port), invokes tunnelOpen w
 URL, and connects a consumer (ffprobe, PyAV) to the session's port: the endpoint joins the consumer
 to the device's WebSocket with a plain read/send bridge (aiohttp, not the project's pump, so that
 the agent is checked against an independent peer) and counts the bytes. Other paths answer with
-a fixed HTTP status or a redirect to a session, and a raw listener accepts TCP and never answers
-(a handshake that hangs). A session can also hold its upgrade until the test releases it.
+a fixed HTTP status or a redirect to a session, a raw listener accepts TCP and never answers
+(a handshake that hangs), and a TLS one reads the upgrade request and hangs up without an
+answer. A session can also hold its upgrade until the test releases it.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class TunnelEndpoint:
         self.ports: dict[str, int] = {}
         self._runner: web.AppRunner | None = None
         self._hang_server: asyncio.Server | None = None
+        self._drop_server: asyncio.Server | None = None
         self._held: list[asyncio.StreamWriter] = []
 
     async def start(self) -> None:
@@ -124,12 +126,16 @@ class TunnelEndpoint:
             self.ports[name] = server.sockets[0].getsockname()[1]
         self._hang_server = await asyncio.start_server(self._hold, "127.0.0.1", 0)
         self.ports["hang"] = self._hang_server.sockets[0].getsockname()[1]
+        if self.tls is not None:
+            self._drop_server = await asyncio.start_server(self._drop, "127.0.0.1", 0, ssl=self.tls)
+            self.ports["wss_drop"] = self._drop_server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         for writer in self._held:
             writer.close()
-        if self._hang_server is not None:
-            self._hang_server.close()
+        for server in (self._hang_server, self._drop_server):
+            if server is not None:
+                server.close()
         for session in self.sessions.values():
             if session.server is not None:
                 session.server.close()
@@ -230,6 +236,11 @@ class TunnelEndpoint:
         self._held.append(writer)
         with contextlib.suppress(Exception):
             await reader.read()
+
+    async def _drop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+        writer.close()
 
 
 async def sink_handler(ws: web.WebSocketResponse, session: Session) -> None:

@@ -186,6 +186,16 @@ def request_headers(token: str, user_agent: str) -> list[tuple[str, str]]:
     ]
 
 
+def require_upgrade(tunnel: Tunnel) -> None:
+    """Raise if the WebSocket never opened.
+
+    picows hands back a closed transport, without calling ``on_ws_connected``, when the peer
+    ends the connection before its upgrade answer; that is no tunnel.
+    """
+    if tunnel.remote.ws is None:
+        raise ConnectionResetError("closed before the upgrade answer")
+
+
 async def connect_tunnel(
     tunnel_id: str,
     request: TunnelRequest,
@@ -237,6 +247,7 @@ async def connect_tunnel(
                     logger_name="picows.tunnel",
                     socket_factory=sockets.connect,
                 )
+                require_upgrade(tunnel)
         except Exception as exc:
             if isinstance(exc, TimeoutError) and in_proxy:
                 exc = ProxyTimeoutError("no tunnel from the proxy in time")
