@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
+import psutil
 import pytest
 
 from tests.support.camera import RtspCamera
@@ -29,6 +30,7 @@ from tests.support.relay_bed import (
 from tests.support.threadloop import ThreadLoop
 from tests.support.waiting import until
 from tests.test_tunnel_video import decode_frames
+from tunnel_agent.cloud.relay.hub_service import KEPT_CONNECTIONS
 from tunnel_agent.cloud.relay.runner import RunningRelay
 
 OPTIONS = b"OPTIONS rtsp://camera/test RTSP/1.0\r\nCSeq: 1\r\n\r\n"
@@ -304,3 +306,30 @@ async def test_a_device_that_answers_but_never_connects(bed: RelayBed, start: St
         "device answered 200 but never connected" in line
         for line in bed.records.events("relay.tunnel_failed")
     )
+
+
+async def test_a_burst_of_tunnel_opens_leaves_only_the_kept_hub_connections(
+    bed: RelayBed, start: StartRelay
+) -> None:
+    """Calls beyond the kept connections do not wait for one (a slow device must not hold up
+    the others): they go out on connections of their own, which close with their answers."""
+    burst = KEPT_CONNECTIONS + 4
+    relay = start(routes=[route(bed, FAKE_DEVICE)])
+    hub_port = int(bed.devhub.hub_name.rsplit(":", 1)[1])
+
+    def hub_connections() -> int:
+        connections = psutil.Process().net_connections("tcp")
+        return sum(1 for c in connections if c.raddr and c.raddr.port == hub_port)
+
+    writers = []
+    for _ in range(burst):
+        _, writer = await asyncio.open_connection("127.0.0.1", route_port(relay))
+        writers.append(writer)
+    calls = [await bed.servers.call(bed.fake.next_call()) for _ in range(burst)]
+    assert hub_connections() >= burst  # every call in flight at once, none queued
+    for call in calls:
+        await bed.servers.call(bed.fake.answer(call, 404, {"message": "no camera here"}))
+    await until(lambda: relay.relay.tunnels == {}, 10)
+    await until(lambda: hub_connections() <= KEPT_CONNECTIONS, 10)
+    for writer in writers:
+        writer.close()

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import aiofastnet
 import picows
 from picows import WSCloseCode
 
@@ -227,8 +228,9 @@ class Relay:
         return True
 
     async def _listen(self, entry: Callable[[], Entry], host: str, port: int) -> asyncio.Server:
-        loop = asyncio.get_running_loop()
-        return await loop.create_server(
+        """A consumer port; aiofastnet's transport lets device frames pass to it uncopied."""
+        return await aiofastnet.create_server(
+            asyncio.get_running_loop(),
             lambda: StreamEnd("consumer", lambda end: self._consumer_connected(entry(), end)),
             host,
             port,

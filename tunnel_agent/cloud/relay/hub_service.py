@@ -7,10 +7,12 @@ The same code talks to a real IoT Hub or to ``tunnel-agent devhub``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,11 @@ SAS_LIFETIME_S = 3600
 CONNECT_TIMEOUT_S = 10
 PROBE_TIMEOUT_S = 5
 PROBE_PATH = "/statistics/service"  # IoT Hub's service statistics: cheap, authenticated
+# Connections to the REST API kept open between calls. Each TLS connection holds about 256 KiB
+# (asyncio's TLS buffer), so a burst of tunnelOpen calls must not leave one behind per call: calls
+# beyond these go out on a connection of their own, closed with its answer, so that a few slow
+# devices never make the others wait for a kept connection.
+KEPT_CONNECTIONS = 4
 _REFUSED_CREDENTIALS = (401, 403)
 _SERVER_ERROR = 500
 
@@ -63,15 +70,18 @@ class HubServiceClient:
         if ca_file is not None:
             self._ssl.load_verify_locations(cafile=str(ca_file))
         self._session: aiohttp.ClientSession | None = None
+        self._one_shot: aiohttp.ClientSession | None = None
+        self._kept_in_use = 0
         self._sas: tuple[str, float] | None = None
         self.reachable: bool | None = None  # None until the first exchange
         self.unreachable_reason = "not checked yet"
         self.errors: Counter[str] = Counter()  # by kind, for the metrics
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._one_shot):
+            if session is not None:
+                await session.close()
+        self._session = self._one_shot = None
 
     def _authorization(self) -> str:
         now = time.time()
@@ -80,10 +90,23 @@ class HubServiceClient:
             self._sas = (generate_sas(self.hostname, self._key, self._policy, expiry), expiry)
         return self._sas[0]
 
-    def _client(self) -> aiohttp.ClientSession:
+    @contextlib.contextmanager
+    def _client(self) -> Iterator[aiohttp.ClientSession]:
+        """A kept connection while one is free, else a connection for this call alone."""
+        if self._kept_in_use >= KEPT_CONNECTIONS:
+            if self._one_shot is None:
+                connector = aiohttp.TCPConnector(ssl=self._ssl, limit=0, force_close=True)
+                self._one_shot = aiohttp.ClientSession(connector=connector)
+            yield self._one_shot
+            return
         if self._session is None:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl))
-        return self._session
+            connector = aiohttp.TCPConnector(ssl=self._ssl, limit=KEPT_CONNECTIONS)
+            self._session = aiohttp.ClientSession(connector=connector)
+        self._kept_in_use += 1
+        try:
+            yield self._session
+        finally:
+            self._kept_in_use -= 1
 
     def _heard(self, status: int) -> None:
         """Any HTTP answer but refused credentials or a server error means the API is there."""
@@ -104,11 +127,12 @@ class HubServiceClient:
         url = f"{self.rest_url}{PROBE_PATH}?api-version={API_VERSION}"
         timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
         try:
-            async with self._client().get(
-                url, headers={"Authorization": self._authorization()}, timeout=timeout
-            ) as response:
-                await response.read()
-                self._heard(response.status)
+            with self._client() as session:
+                async with session.get(
+                    url, headers={"Authorization": self._authorization()}, timeout=timeout
+                ) as response:
+                    await response.read()
+                    self._heard(response.status)
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._lost(exc)
         return bool(self.reachable)
@@ -116,7 +140,6 @@ class HubServiceClient:
     async def invoke(
         self, device_id: str, method: str, payload: Any, response_timeout_s: int
     ) -> MethodAnswer:
-        session = self._client()
         url = f"{self.rest_url}/twins/{quote(device_id, safe='')}/methods?api-version={API_VERSION}"
         body = {
             "methodName": method,
@@ -128,15 +151,19 @@ class HubServiceClient:
             total=response_timeout_s + CONNECT_TIMEOUT_S, connect=CONNECT_TIMEOUT_S
         )
         try:
-            async with session.post(
-                url, json=body, headers={"Authorization": self._authorization()}, timeout=timeout
-            ) as response:
-                text = await response.text()
-                self._heard(response.status)
-                if response.status != 200:
-                    self.errors[f"http_{response.status}"] += 1
-                    raise MethodCallFailed(response.status, _hub_reason(text, response.reason))
-                answer = json.loads(text)
+            with self._client() as session:
+                async with session.post(
+                    url,
+                    json=body,
+                    headers={"Authorization": self._authorization()},
+                    timeout=timeout,
+                ) as response:
+                    text = await response.text()
+                    self._heard(response.status)
+                    if response.status != 200:
+                        self.errors[f"http_{response.status}"] += 1
+                        raise MethodCallFailed(response.status, _hub_reason(text, response.reason))
+                    answer = json.loads(text)
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._lost(exc)
             raise MethodCallFailed(0, type(exc).__name__) from None
