@@ -1,19 +1,25 @@
-"""Media tasks that stop and come back: the low-disk guard, a failed task's retries, full queues."""
+"""Media tasks that stop and come back: the low-disk guard, a failed task's retries, full queues,
+a media server that stops reading."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import threading
+import time
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.conftest import camera_entry
 from tests.support.agent import AgentRunner
 from tests.support.camera import RtspCamera
 from tests.support.disk import SmallDisk
 from tests.support.mqtt import MediaBroker
+from tests.support.threadloop import ThreadLoop
 from tests.support.waiting import until
 from tests.test_media import FAST
 from tunnel_agent.media.backoff import Backoff
@@ -31,6 +37,55 @@ def states_of(agent: AgentRunner, stream: str) -> list[str]:
 
 def pngs(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.png")) if folder.is_dir() else []
+
+
+class StalledMediaServer:
+    """An RTSP media server that accepts every RECORD session and then reads nothing more.
+
+    Its receive buffer is tiny, so the publisher's writes soon have nowhere to go.
+    """
+
+    def __init__(self) -> None:
+        self.records_at: list[float] = []  # time.monotonic() of each RECORD answered
+        self._loop = ThreadLoop("stalled-media-server")
+        self.port = self._loop.run(self._listen())
+
+    async def _listen(self) -> int:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited by each session
+        sock.bind(("127.0.0.1", 0))
+        self._server = await asyncio.start_server(self._session, sock=sock)
+        return int(sock.getsockname()[1])
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+                method = lines[0].split(" ", 1)[0]
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (line.partition(":") for line in lines[1:] if line)
+                }
+                await reader.readexactly(int(headers.get("content-length", "0")))
+                transport = (
+                    "Transport: RTP/AVP/TCP;unicast;interleaved=0-1\r\n"
+                    if method == "SETUP"
+                    else ""
+                )
+                writer.write(
+                    f"RTSP/1.0 200 OK\r\nCSeq: {headers['cseq']}\r\nSession: 5150\r\n"
+                    f"{transport}\r\n".encode()
+                )
+                if method == "RECORD":
+                    writer.transport.pause_reading()
+                    self.records_at.append(time.monotonic())
+                    await asyncio.Event().wait()  # hold the session open, unread, until closed
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        self._server.close()
+        self._loop.close()
 
 
 async def test_a_task_paused_for_low_disk_resumes_and_a_failed_task_is_retried(
@@ -108,6 +163,44 @@ class HeldTask(FrameTask):
         self.busy.set()
         self.release.wait(10)
         self.handled.append(item)
+
+
+@pytest.mark.timeout(90)
+async def test_a_media_server_that_stops_reading_is_lost_within_the_write_timeout_then_retried(
+    tmp_path: Path, camera: RtspCamera
+) -> None:
+    write_timeout_s = 2.0
+    margin_s = 8.0  # filling the socket buffers, the kernel's probe timer, a loaded machine
+    server = StalledMediaServer()
+    stream = {
+        "name": "out",
+        "task": "stream-to-rtsp",
+        "media_server_address": "127.0.0.1",
+        "media_server_port": server.port,
+        "media_server_path": "stalled",
+    }
+    media = {**FAST, "server_write_timeout": write_timeout_s}
+    agent = AgentRunner(
+        tmp_path / "agent", {"cameras": [camera_entry(camera, streams=[stream])], "media": media}
+    )
+
+    def failures() -> list[dict[str, Any]]:
+        return [e for e in agent.events("media.task_state") if e.get("state") == "failed"]
+
+    try:
+        await until(lambda: server.records_at, timeout_s=30)
+        await until(failures, timeout_s=write_timeout_s + margin_s)
+        await until(lambda: len(server.records_at) >= 2, timeout_s=30)
+    finally:
+        agent.stop()
+        server.close()
+    (failed, *_) = failures()
+    assert failed["stream"] == "out"
+    assert failed["reason"].startswith(f"lost rtsp://127.0.0.1:{server.port}/stalled: ")
+    assert int(failed["packets"]) > 0
+    assert len(agent.events("media.restream_connected")) >= 2
+    assert not agent.events("media.restream_write_unbounded")
+    assert server.records_at[1] - server.records_at[0] >= write_timeout_s
 
 
 async def test_a_full_task_queue_drops_the_oldest_item(tmp_path: Path) -> None:

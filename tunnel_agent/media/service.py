@@ -107,7 +107,13 @@ class CameraMedia:
             return SnapshotToFs(self.camera.name, stream, _backoff(media), _folder(stream, media))
         if kind == "clip-to-fs":
             return ClipToFs(self.camera.name, stream, _backoff(media), _folder(stream, media))
-        return StreamToRtsp(self.camera.name, stream, _backoff(media))
+        return StreamToRtsp(
+            self.camera.name,
+            stream,
+            _backoff(media),
+            open_timeout_s=media.open_timeout,
+            write_timeout_s=media.server_write_timeout,
+        )
 
     def start(self) -> None:
         for task in self.tasks:

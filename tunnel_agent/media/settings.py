@@ -243,6 +243,8 @@ class MediaSettings(Section):
 
     watchdog: Annotated[float, Field(gt=0, le=600)] = 10.0
     open_timeout: Annotated[float, Field(gt=0, le=120)] = 10.0
+    # A media server that takes no more of the re-stream for this long is lost.
+    server_write_timeout: Annotated[float, Field(gt=0, le=120)] = 10.0
     backoff_initial: Annotated[float, Field(gt=0, le=60)] = 1.0
     backoff_max: Annotated[float, Field(gt=0, le=3600)] = 60.0
     stable_after: Annotated[float, Field(gt=0, le=3600)] = 60.0

@@ -3,7 +3,9 @@
 The output is an RTSP ANNOUNCE/RECORD session. Camera side and server side recover on their own:
 a lost camera connection gives a new stream template and the output is re-announced; a lost
 server fails this task only, which reconnects on the next keyframe after its backoff. For RTSPS the
-server's certificate is verified (FFmpeg does not unless told to).
+server's certificate is verified (FFmpeg does not unless told to). The open is bounded by FFmpeg's
+``timeout`` option (connect and every read of the handshake); writes are bounded by the kernel
+(see ``tcp_deadline``), as nothing in FFmpeg or PyAV bounds a write to an RTSP output.
 """
 
 from __future__ import annotations
@@ -19,10 +21,8 @@ from tunnel_agent.media.backoff import Backoff
 from tunnel_agent.media.packets import MediaPacket, StreamTemplate
 from tunnel_agent.media.settings import StreamSettings
 from tunnel_agent.media.tasks.base import PacketTask, TaskError
+from tunnel_agent.media.tcp_deadline import limit_unacknowledged, tcp_sockets_to_port
 from tunnel_agent.media.urls import redact_url, with_credentials
-
-OPEN_TIMEOUT_S = 10.0
-WRITE_TIMEOUT_S = 10.0
 
 
 def server_url(settings: StreamSettings) -> str:
@@ -40,8 +40,8 @@ def server_url(settings: StreamSettings) -> str:
     return with_credentials(url, settings.media_server_username, password)
 
 
-def output_options(settings: StreamSettings) -> dict[str, str]:
-    options = {"rtsp_transport": "tcp"}
+def output_options(settings: StreamSettings, open_timeout_s: float) -> dict[str, str]:
+    options = {"rtsp_transport": "tcp", "timeout": str(round(open_timeout_s * 1_000_000))}
     if settings.task == "stream-to-rtsps":
         options["tls_verify"] = "1"
         if settings.media_server_ca_file is not None:
@@ -52,8 +52,18 @@ def output_options(settings: StreamSettings) -> dict[str, str]:
 class StreamToRtsp(PacketTask):
     queue_size = 64  # batches of batch_s (0.1 s): a few seconds of video
 
-    def __init__(self, camera: str, settings: StreamSettings, backoff: Backoff) -> None:
+    def __init__(
+        self,
+        camera: str,
+        settings: StreamSettings,
+        backoff: Backoff,
+        *,
+        open_timeout_s: float,
+        write_timeout_s: float,
+    ) -> None:
         super().__init__(camera, settings, backoff)
+        self.open_timeout_s = open_timeout_s
+        self.write_timeout_s = write_timeout_s
         self.url = server_url(settings)
         self.display = redact_url(self.url)
         if settings.media_server_password is not None:
@@ -85,13 +95,14 @@ class StreamToRtsp(PacketTask):
         self.running()
 
     def _open(self, template: StreamTemplate, first: MediaPacket) -> None:
+        port = self.settings.media_server_port
+        before = tcp_sockets_to_port(port)
         try:
             output = av.open(
                 self.url,
                 "w",
                 format="rtsp",
-                options=output_options(self.settings),
-                timeout=(OPEN_TIMEOUT_S, WRITE_TIMEOUT_S),
+                options=output_options(self.settings, self.open_timeout_s),
             )
         except (av.FFmpegError, OSError) as exc:
             raise TaskError(f"cannot publish to {self.display}: {_reason(exc)}") from None
@@ -104,6 +115,9 @@ class StreamToRtsp(PacketTask):
             with contextlib.suppress(av.FFmpegError, OSError, ValueError):
                 output.close()
             raise TaskError(f"cannot publish to {self.display}: {_reason(exc)}") from None
+        ours = {fd for fd, _ in tcp_sockets_to_port(port) - before}
+        if not limit_unacknowledged(ours, self.write_timeout_s):
+            self.log.warning("media.restream_write_unbounded", server=self.display)
         self._output = output
         self._stream = stream
         self._offset = first.dts
