@@ -21,6 +21,7 @@ TEST_PACKAGES=(
 # Ubuntu's archive has no firefox-esr (its firefox is a snap): there the Firefox tests skip.
 # Firefox decodes H.264 with the system's libavcodec, only a Recommends of firefox-esr: the ffmpeg
 # package above brings it.
+# shellcheck source=/dev/null
 OS_ID=$(. /etc/os-release && echo "${ID:-}")
 [ "$OS_ID" = ubuntu ] || TEST_PACKAGES+=(firefox-esr)
 

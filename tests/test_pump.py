@@ -7,9 +7,6 @@ import contextlib
 import socket
 import struct
 
-import aiofastnet
-import picows
-import pytest
 from aiohttp import WSMsgType, web
 
 from tests.support.inprocess import open_via, service_for
@@ -18,9 +15,7 @@ from tests.support.threadloop import ThreadLoop
 from tests.support.waiting import until
 from tests.support.ws_endpoint import Session, TunnelEndpoint, sink_handler
 from tunnel_agent.cloud.devhub.certs import LocalCA
-from tunnel_agent.logs import EventLogger
 from tunnel_agent.tunnel.connect import READ_LIMIT_BYTES, BoundedReads
-from tunnel_agent.tunnel.pump import Pump, PumpLimits, StreamEnd, WebSocketEnd
 
 CLOSE_BOUND_S = 2.5
 # The README: a side's write buffer passing 256 KiB stops the other side's reading, so at most
@@ -328,70 +323,3 @@ async def test_the_agent_runs_tls_on_the_socket_and_bounds_each_read(
     assert len(reads.get_buffer(-1)) <= READ_LIMIT_BYTES
     tunnel.close("test over")
     await asyncio.wait_for(asyncio.shield(tunnel.closed), CLOSE_BOUND_S)
-
-
-class _Flood(picows.WSListener):
-    """A WebSocket server that sends ``count`` frames at once, each with its own bytes."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-
-    def on_ws_connected(self, transport: picows.WSTransport) -> None:
-        for index in range(self.count):
-            transport.send(picows.WSMsgType.BINARY, _numbered_frame(index))
-
-
-def _numbered_frame(index: int) -> bytes:
-    return struct.pack(">I", index) * (FRAME_BYTES // 4)
-
-
-FRAME_BYTES = 64 * 1024
-
-
-@pytest.mark.parametrize("stream", ["aiofastnet", "asyncio"])
-async def test_frames_reach_a_stream_that_does_not_read_intact(stream: str) -> None:
-    """Frames go to an aiofastnet stream as views of picows's read buffer (to asyncio's own
-    transport, which may keep what it is given, as bytes); what has to wait while the stream does
-    not read is a copy, so every byte arrives as sent even though the read buffer is reused."""
-    count = 256  # 16 MiB: far more than the write buffer bound, so most of it waits
-    reading = asyncio.Event()
-    received = bytearray()
-    done = asyncio.Event()
-
-    async def slow_reader(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reading.wait()
-        while data := await reader.read(1 << 20):
-            received.extend(data)
-            if len(received) >= count * FRAME_BYTES:
-                done.set()
-        writer.close()
-
-    loop = asyncio.get_running_loop()
-    tcp = await asyncio.start_server(slow_reader, "127.0.0.1", 0)
-    ws_server = await picows.ws_create_server(lambda _: _Flood(count), "127.0.0.1", 0)
-    near, far = StreamEnd("stream"), WebSocketEnd("websocket")
-    pump = Pump(near, far, PumpLimits(), EventLogger("tests.pump"))
-    try:
-        tcp_port = tcp.sockets[0].getsockname()[1]
-        if stream == "aiofastnet":
-            await aiofastnet.create_connection(loop, lambda: near, "127.0.0.1", tcp_port)
-        else:
-            await loop.create_connection(lambda: near, "127.0.0.1", tcp_port)
-        ws_port = ws_server.sockets[0].getsockname()[1]
-        await picows.ws_connect(lambda: far, f"ws://127.0.0.1:{ws_port}/")
-        pump.start()
-        assert far.lend_views is (stream == "aiofastnet")
-        transport = near.transport
-        assert transport is not None
-        await until(lambda: transport.get_write_buffer_size() >= HIGH_WATER_BYTES, 15)
-        reading.set()
-        await asyncio.wait_for(done.wait(), 60)
-        assert len(received) == count * FRAME_BYTES
-        for index in range(count):
-            start = index * FRAME_BYTES
-            assert received[start : start + FRAME_BYTES] == _numbered_frame(index), index
-    finally:
-        pump.close("test over")
-        await asyncio.wait_for(asyncio.shield(pump.closed), CLOSE_BOUND_S)
-        ws_server.close()
-        tcp.close()

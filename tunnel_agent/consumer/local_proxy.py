@@ -16,7 +16,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import TextIO
 
-import aiofastnet
 import picows
 from picows import WSHandshakeError
 
@@ -67,12 +66,9 @@ class LocalProxy:
 
     async def start(self, listen: str) -> tuple[str, int]:
         host, port = split_host_port(listen)
-        self._server = await aiofastnet.create_server(  # frames pass to it uncopied (pump.py)
-            asyncio.get_running_loop(),
-            lambda: StreamEnd("local", self._accepted),
-            host,
-            port,
-            backlog=128,
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: StreamEnd("local", self._accepted), host, port, backlog=128
         )
         bound = int(self._server.sockets[0].getsockname()[1])
         return host, bound

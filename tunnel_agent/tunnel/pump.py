@@ -10,11 +10,9 @@ Why callbacks and not read/await loops: every chunk crosses in one call (``data_
 ``send``) with no task switch, which is what lets Python keep up with socat. Each end hands what it
 reads to ``forward``, which is the other end's ``write`` (or, for a while, a filter such as the
 relay's RTSP steering, which puts ``write`` back when it is done: no cost per byte after that).
-A WebSocket frame is handed on as a view of picows's read buffer, not a copy, when the end it goes
-to is on an aiofastnet transport (aiofastnet copies whatever it cannot send at once; asyncio's own
-transports may keep the view, so they get bytes). Backpressure is the transports' own flow
-control: when one end's write buffer passes its high-water mark the other end stops reading until
-it drains, so at most one read's worth of data waits per direction.
+Backpressure is the transports' own flow control: when one end's write buffer passes its
+high-water mark the other end stops reading until it drains, so at most one read's worth of data
+waits per direction.
 
 A pump holds no tasks, only one timer. Whatever ends it (either end closing, an error, a timeout,
 shutdown) goes through :meth:`Pump.close`: a stream is flushed and closed, a WebSocket gets a
@@ -31,7 +29,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import cast
 
-import aiofastnet
 import picows
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport
 
@@ -56,8 +53,7 @@ class PumpLimits:
     close_timeout_s: float = 2.0
 
 
-Chunk = bytes | memoryview
-Forward = Callable[[Chunk], None]
+Forward = Callable[[bytes], None]
 
 
 class StreamEnd(asyncio.Protocol):
@@ -75,7 +71,6 @@ class StreamEnd(asyncio.Protocol):
         self.bytes_written = 0
         self.gone = False
         self.write_paused = False
-        self.takes_views = False  # its writes may be given views valid only during the call
         self._read_paused = False
         self._transport_write: Forward = _drop
 
@@ -84,7 +79,6 @@ class StreamEnd(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self._transport_write = self.transport.write
-        self.takes_views = isinstance(transport, aiofastnet.Transport)
         self.transport.set_write_buffer_limits(WRITE_BUFFER_HIGH_BYTES, WRITE_BUFFER_LOW_BYTES)
         self.transport.pause_reading()
         self._read_paused = True
@@ -126,7 +120,7 @@ class StreamEnd(asyncio.Protocol):
     def connected(self) -> bool:
         return self.transport is not None
 
-    def write(self, data: Chunk) -> None:
+    def write(self, data: bytes) -> None:
         self._transport_write(data)
         self.bytes_written += len(data)
 
@@ -170,10 +164,8 @@ class WebSocketEnd(picows.WSListener):
         self.write_paused = False
         self.heard_at = time.monotonic()
         self.close_received = False
-        self.takes_views = False
-        self.lend_views = False  # set by the pump: the other end takes views of our frames
         self._read_paused = False
-        self._held: list[Chunk] = []
+        self._held: list[bytes] = []
         self._send: Forward = _drop
 
     # -- picows.WSListener --------------------------------------------------------------------
@@ -183,8 +175,6 @@ class WebSocketEnd(picows.WSListener):
         # that made the connection runs again: the end must know its WebSocket from now on.
         self.ws = transport
         self._send = partial(transport.send, WSMsgType.BINARY)
-        # picows copies what it sends or hands it to the transport, which must copy what it keeps
-        self.takes_views = isinstance(transport.underlying_transport, aiofastnet.Transport)
         transport.underlying_transport.set_write_buffer_limits(
             WRITE_BUFFER_HIGH_BYTES, WRITE_BUFFER_LOW_BYTES
         )
@@ -199,10 +189,7 @@ class WebSocketEnd(picows.WSListener):
         self.heard_at = time.monotonic()
         msg_type = frame.msg_type
         if msg_type in _DATA_FRAMES:
-            if self.lend_views:
-                self.forward(frame.get_payload_as_memoryview())
-            else:
-                self.forward(frame.get_payload_as_bytes())
+            self.forward(frame.get_payload_as_bytes())
         elif msg_type == WSMsgType.CLOSE:
             self.close_received = True
             pump = self.pump
@@ -237,16 +224,16 @@ class WebSocketEnd(picows.WSListener):
     def connected(self) -> bool:
         return self.ws is not None
 
-    def write(self, data: Chunk) -> None:
+    def write(self, data: bytes) -> None:
         self._send(data)
         self.bytes_written += len(data)
 
-    def _hold(self, data: Chunk) -> None:
+    def _hold(self, data: bytes) -> None:
         """Frames that arrive before the pump starts (with the handshake) wait for it."""
         self._held.append(data)
         self.pause_reading()
 
-    def release_held(self) -> list[Chunk]:
+    def release_held(self) -> list[bytes]:
         held, self._held = self._held, []
         return held
 
@@ -348,9 +335,6 @@ class Pump:
         far_held = far.release_held()
         near.forward = far.write
         far.forward = near.write
-        far.lend_views = near.takes_views
-        if isinstance(near, WebSocketEnd):
-            near.lend_views = far.takes_views
         self.attach_filters()
         for data in near_held:
             near.forward(data)
@@ -446,7 +430,7 @@ class Pump:
         self._timer = self._loop.call_later(self._tick_interval(), self._tick)
 
 
-def _drop(data: Chunk) -> None:
+def _drop(data: bytes) -> None:
     """Where bytes go when they have nowhere to go (before the start, after the close)."""
 
 

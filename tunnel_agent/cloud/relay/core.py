@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import aiofastnet
 import picows
 from picows import WSCloseCode
 
@@ -228,9 +227,8 @@ class Relay:
         return True
 
     async def _listen(self, entry: Callable[[], Entry], host: str, port: int) -> asyncio.Server:
-        """A consumer port; aiofastnet's transport lets device frames pass to it uncopied."""
-        return await aiofastnet.create_server(
-            asyncio.get_running_loop(),
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(
             lambda: StreamEnd("consumer", lambda end: self._consumer_connected(entry(), end)),
             host,
             port,

@@ -83,9 +83,9 @@ class RtspSteering:
 
     # -- consumer -> camera -------------------------------------------------------------------
 
-    def from_consumer(self, data: bytes | memoryview) -> Steered:
+    def from_consumer(self, data: bytes) -> Steered:
         if self.consumer_done:
-            return Steered(to_camera=bytes(data))
+            return Steered(to_camera=data)
         buffer = self._from_consumer
         buffer += data
         to_camera = bytearray()
@@ -145,9 +145,9 @@ class RtspSteering:
 
     # -- camera -> consumer -------------------------------------------------------------------
 
-    def from_camera(self, data: bytes | memoryview) -> bytes:
+    def from_camera(self, data: bytes) -> bytes:
         if self.camera_done:
-            return bytes(data)
+            return data
         buffer = self._from_camera
         buffer += data
         out = bytearray()

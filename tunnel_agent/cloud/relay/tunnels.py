@@ -15,7 +15,7 @@ from tunnel_agent.cloud.relay.rtsp_steering import RtspSteering
 from tunnel_agent.cloud.relay.sessions import Session
 from tunnel_agent.cloud.relay.sources import Network
 from tunnel_agent.logs import EventLogger
-from tunnel_agent.tunnel.pump import Chunk, End, Pump, PumpLimits, WebSocketEnd
+from tunnel_agent.tunnel.pump import End, Pump, PumpLimits, WebSocketEnd
 
 
 @dataclass(eq=False)
@@ -106,7 +106,7 @@ class SteeringFilter:
         self.consumer.forward = self.from_consumer
         self.device.forward = self.from_camera
 
-    def from_consumer(self, data: Chunk) -> None:
+    def from_consumer(self, data: bytes) -> None:
         steered = self.machine.from_consumer(data)
         if steered.to_consumer:
             self.consumer.write(steered.to_consumer)
@@ -115,7 +115,7 @@ class SteeringFilter:
         if self.machine.consumer_done and self.consumer.forward == self.from_consumer:
             self.consumer.forward = self.device.write
 
-    def from_camera(self, data: Chunk) -> None:
+    def from_camera(self, data: bytes) -> None:
         out = self.machine.from_camera(data)
         if out:
             self.consumer.write(out)
