@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.camera import RtspCamera
-from tests.support.net import free_port
+from tests.support.net import free_ports
 from tests.support.netns import Namespace, available, consumer_namespace
 from tests.support.relay_bed import (
     ConnectProcess,
@@ -67,10 +67,8 @@ def topology(
     try:
         with consumer_namespace() as ns:
             inside = [f"{ns.ip}/32"]
-            routes = {
-                name: free_port(ns.host_ip)
-                for name in ("rtsp", "digest", "tcp", "bytes", "bytes-rtsp")
-            }
+            names = ("rtsp", "digest", "tcp", "bytes", "bytes-rtsp")
+            routes = dict(zip(names, free_ports(len(names), ns.host_ip), strict=True))
             relay = bed.start_relay(
                 ns.host_ip,
                 routes=[
