@@ -103,7 +103,10 @@ class RelayBed:
     def settings(
         self, host: str = "127.0.0.1", *, routes: list[dict[str, Any]] | None = None, **relay: Any
     ) -> RelaySettings:
+        taken = {str(route.get("listen", "")) for route in routes or []}
         port = free_port(host)
+        while f"{host}:{port}" in taken:  # a route's port, picked and let go before this one
+            port = free_port(host)
         tls = self.devhub.ca.issue(f"relay-{host}-{port}", [host, "127.0.0.1"])
         return RelaySettings.model_validate(
             {
