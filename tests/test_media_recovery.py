@@ -147,22 +147,32 @@ async def test_a_task_paused_for_low_disk_resumes_and_a_failed_task_is_retried(
     assert blocked[blocked.index("failed") :].count("running") == 1
 
 
-class HeldTask(FrameTask):
-    """A snapshot task whose work waits for the test, so that its queue fills up."""
+class Held:
+    """A task's work that waits for the test (``release``), so that its queue fills up."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.busy = threading.Event()
+        self.handled: list[Any] = []
+
+    def hold(self, what: Any) -> None:
+        self.busy.set()
+        self.release.wait(10)
+        self.handled.append(what)
+
+
+class HeldTask(FrameTask, Held):
+    """A snapshot task whose work waits for the test."""
 
     queue_size = 3
 
     def __init__(self, folder: Path) -> None:
         settings = StreamSettings(name="held", task="snapshot-to-fs", path=folder)
-        super().__init__("cam", settings, Backoff())
-        self.release = threading.Event()
-        self.busy = threading.Event()
-        self.handled: list[Any] = []
+        FrameTask.__init__(self, "cam", settings, Backoff())
+        Held.__init__(self)
 
     def handle(self, item: Any) -> None:
-        self.busy.set()
-        self.release.wait(10)
-        self.handled.append(item)
+        self.hold(item)
 
 
 @pytest.mark.timeout(90)
@@ -220,22 +230,18 @@ async def test_a_full_task_queue_drops_the_oldest_item(tmp_path: Path) -> None:
     assert task.counters["dropped_queue_full"] == 2
 
 
-class HeldPacketTask(PacketTask):
+class HeldPacketTask(PacketTask, Held):
     """A packet task that holds its first packet until the test releases it."""
 
     queue_size = 1
 
     def __init__(self) -> None:
         settings = StreamSettings(name="held", task="stream-to-rtsp", media_server_address="::1")
-        super().__init__("cam", settings, Backoff())
-        self.release = threading.Event()
-        self.busy = threading.Event()
-        self.handled: list[Any] = []
+        PacketTask.__init__(self, "cam", settings, Backoff())
+        Held.__init__(self)
 
     def handle(self, item: Any) -> None:
-        self.busy.set()
-        self.release.wait(10)
-        self.handled.append(item.dts)
+        self.hold(item.dts)
 
 
 def packet_at(seconds: float) -> MediaPacket:
