@@ -24,6 +24,7 @@ from tests.support.threadloop import ThreadLoop
 from tests.support.waiting import until
 from tests.test_tunnel_video import decode_frames, ffprobe
 from tunnel_agent.cloud.devhub.hub import DevHub
+from tunnel_agent.cloud.relay.core import TunnelRecord
 from tunnel_agent.cloud.relay.runner import RunningRelay, start_relay
 from tunnel_agent.cloud.relay.settings import RelaySettings
 from tunnel_agent.cloud.sas import generate_sas
@@ -164,7 +165,13 @@ async def test_ffprobe_through_the_relay_sees_h264(cloud: Cloud) -> None:
 
 
 async def test_ten_consumers_at_once_get_ten_tunnels(cloud: Cloud) -> None:
-    before = len(cloud.relay.relay.history)
+    relay = cloud.relay.relay
+    # An earlier test's tunnel on this route may still be closing: let it finish, and count
+    # only tunnels that were not live when this test started.
+    route = f"route-{cloud.routes['agent']}"
+    await until(lambda: not [t for t in relay.tunnels.values() if t.entry.id == route], 15)
+    earlier = set(relay.tunnels)
+    before = len(relay.history)
     url = f"rtsp://127.0.0.1:{cloud.routes['agent']}/test"
     with ThreadPoolExecutor(10) as pool:
         results = await asyncio.gather(
@@ -175,9 +182,14 @@ async def test_ten_consumers_at_once_get_ten_tunnels(cloud: Cloud) -> None:
         )
 
     assert all(sizes == [(640, 360)] * 15 for sizes in results)
-    await until(lambda: len(cloud.relay.relay.history) >= before + 10, timeout_s=10)
-    new = list(cloud.relay.relay.history)[before:]
+
+    def ours() -> list[TunnelRecord]:
+        return [r for r in list(relay.history)[before:] if r.id not in earlier]
+
+    await until(lambda: len(ours()) >= 10, timeout_s=10)
+    new = ours()
     assert len({r.id for r in new}) == 10
+    assert {r.route for r in new} == {route}
     assert all(r.bytes_to_consumer > 10_000 for r in new)
 
 
