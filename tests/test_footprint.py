@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import av
 import pytest
 
 from tests.conftest import camera_entry
@@ -19,6 +20,7 @@ from tests.support.threadloop import ThreadLoop
 from tests.support.waiting import until
 from tests.test_observability import get
 from tunnel_agent.cloud.devhub.certs import LocalCA
+from tunnel_agent.media.encode import ImageEncoder
 from tunnel_agent.observability import server as observability_server
 from tunnel_agent.observability.server import ObservabilityServer, parse_request_line
 
@@ -60,6 +62,17 @@ async def test_media_libraries_load_only_when_a_stream_needs_them(
     finally:
         agent.stop()
         own_hub.stop()
+
+
+def test_images_are_encoded_on_the_calling_thread_alone() -> None:
+    """FFmpeg's default of a thread per core gives each mjpeg slice thread a copy of the encoder's
+    buffers (~33 MiB at 1080p); one thread is enough for a few images a second."""
+    for image_format in ("jpeg", "png"):
+        assert ImageEncoder(image_format).codec_for(64, 48).thread_count == 1
+    frame = av.VideoFrame(64, 48, "yuv420p")
+    for plane in frame.planes:
+        plane.update(bytes(plane.buffer_size))
+    assert ImageEncoder("jpeg").encode(frame).startswith(b"\xff\xd8")
 
 
 def test_request_line_parsing() -> None:

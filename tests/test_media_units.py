@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from tunnel_agent.media.pacing import (
     keyframes_suffice,
 )
 from tunnel_agent.media.settings import StreamSettings
+from tunnel_agent.media.tcp_deadline import limit_unacknowledged, tcp_sockets_to_port
 from tunnel_agent.media.urls import SourceKind, parse_source, redact_url
 
 CAMERA = {"name": "lobby", "url": "rtsp://10.0.0.5:554/stream1"}
@@ -255,3 +258,25 @@ def test_backoff_grows_is_capped_and_resets_after_a_stable_run() -> None:
     assert backoff.next_delay() >= 4
     backoff.ran_for(61)
     assert backoff.next_delay() <= 1
+
+
+def test_finding_and_bounding_a_servers_socket_leaves_no_descriptor_behind() -> None:
+    """Each re-stream open looks at every descriptor of the process, most of them not sockets."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    reader, writer = os.pipe()  # a descriptor that is not a socket
+    try:
+        opened = len(os.listdir("/proc/self/fd"))
+        for _ in range(5):
+            found = tcp_sockets_to_port(port)
+            assert {fd for fd, _ in found} == {client.fileno()}
+            assert limit_unacknowledged({client.fileno(), reader}, 2.0) == 1
+        assert len(os.listdir("/proc/self/fd")) == opened
+        timeout_ms = client.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+        assert timeout_ms == 2000
+    finally:
+        for fd in (reader, writer):
+            os.close(fd)
+        client.close()
+        listener.close()
