@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,8 @@ async def test_media_libraries_load_only_when_a_stream_needs_them(
     snaps = tmp_path / "media" / "snaps"
     try:
         agent.wait_connected()
-        assert loaded(agent) == {"av": False, "aiohttp": False, "aiomqtt": False}
+        nothing = {"av": False, "aiohttp": False, "aiomqtt": False, "requests": False}
+        assert loaded(agent) == nothing
 
         # The cloud gives the camera a snapshot task: PyAV is loaded then, and only PyAV.
         stream = {"name": "s", "taskType": "snapshot-to-fs", "path": "snaps"}
@@ -58,10 +61,53 @@ async def test_media_libraries_load_only_when_a_stream_needs_them(
         await until(lambda: twin.reported.get("mediaStreams", {}).get("av") == version, 30)
         assert twin.reported["mediaStreams"]["ac"] == 200
         await until(lambda: any(snaps.glob("*.png")), 30)
-        assert loaded(agent) == {"av": True, "aiohttp": False, "aiomqtt": False}
+        assert loaded(agent) == nothing | {"av": True}
     finally:
         agent.stop()
         own_hub.stop()
+
+
+SDK_CHECK = """
+import asyncio, base64, json, sys
+from tunnel_agent.hub import sdk
+from azure.iot.device.iothub import pipeline
+
+report = {"requests_at_import": "requests" in sys.modules}
+key = base64.b64encode(b"k" * 32).decode()
+text = f"HostName=hub.example;DeviceId=d;SharedAccessKey={key}"
+client = sdk.mqtt_only(
+    lambda: sdk.IoTHubDeviceClient.create_from_connection_string(text, product_info="dtmi:x;1")
+)
+report["http_pipeline"] = type(client._http_pipeline).__name__
+report["sdk_name_restored"] = pipeline.HTTPPipeline.__module__
+report["requests_after_client"] = "requests" in sys.modules
+try:
+    asyncio.run(client.get_storage_info_for_blob("b"))
+except AttributeError as exc:
+    report["blob_upload"] = str(exc)
+edge = sys.modules["azure.iot.device.iothub.edge_hsm"]
+report["edge_hsm_runs_when_used"] = edge.IoTEdgeHsm.__name__
+report["requests_after_edge"] = "requests" in sys.modules
+print(json.dumps(report))
+"""
+
+
+def test_the_iot_sdk_comes_without_requests_and_its_lazy_parts_still_run_when_used() -> None:
+    """A fresh interpreter: the SDK without requests, the agent's client without an HTTP
+    pipeline (the SDK's own name put back), and a lazily loaded module that runs in full on use."""
+    done = subprocess.run(
+        [sys.executable, "-c", SDK_CHECK], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert json.loads(done.stdout) == {
+        "requests_at_import": False,
+        "http_pipeline": "NoHttpPipeline",
+        "sdk_name_restored": "azure.iot.device.iothub.pipeline.http_pipeline",
+        "requests_after_client": False,
+        "blob_upload": "the agent's IoT Hub client has no HTTP pipeline"
+        " (asked for get_storage_info_for_blob)",
+        "edge_hsm_runs_when_used": "IoTEdgeHsm",
+        "requests_after_edge": True,
+    }
 
 
 def test_images_are_encoded_on_the_calling_thread_alone() -> None:

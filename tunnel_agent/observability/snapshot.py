@@ -66,8 +66,9 @@ def mqtt_status(agent: AgentView) -> dict[str, Any] | None:
 
 
 # Heavy libraries a configuration loads only when it uses them (media sources and tasks, the MQTT
-# publisher, HTTP snapshot cameras): /status says which ones this process has loaded.
-OPTIONAL_LIBRARIES = ("av", "aiohttp", "aiomqtt")
+# publisher, HTTP snapshot cameras), and requests, which only the IoT SDK's IoT Edge and blob
+# upload parts use (tunnel_agent.hub.sdk): /status says which ones this process has loaded.
+OPTIONAL_LIBRARIES = ("av", "aiohttp", "aiomqtt", "requests")
 
 
 def rss_bytes() -> int | None:
