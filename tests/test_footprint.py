@@ -1,5 +1,6 @@
-"""What a configuration does not use is not loaded (seen in the running agent), and the small
-HTTP endpoint that replaced aiohttp's server for observability holds up to bad clients."""
+"""What a configuration does not use is not loaded (seen in the running agent), glibc's allocator
+is limited by the agent itself, and the small HTTP endpoint that replaced aiohttp's server for
+observability holds up to bad clients."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tests.support.net import free_port
 from tests.support.threadloop import ThreadLoop
 from tests.support.waiting import until
 from tests.test_observability import get
+from tunnel_agent import malloc
 from tunnel_agent.cloud.devhub.certs import LocalCA
 from tunnel_agent.media.encode import ImageEncoder
 from tunnel_agent.observability import server as observability_server
@@ -67,6 +69,47 @@ async def test_media_libraries_load_only_when_a_stream_needs_them(
         own_hub.stop()
 
 
+def test_the_agent_limits_malloc_arenas_itself_and_the_environment_wins(
+    tmp_path: Path, ca: LocalCA, hub: HubHarness
+) -> None:
+    """Each thread that allocates gets an arena of its own unless the limit holds: the agent has
+    more threads than the limit, and one started with ``MALLOC_ARENA_MAX=8`` shows the count the
+    limit prevents (glibc read the variable; the agent left the parameter alone)."""
+    agents = {
+        env: AgentRunner(
+            tmp_path / f"agent-{index}",
+            {
+                "hub": {**hub.hub_config(), "connection_string": hub.add_device(f"malloc-{index}")},
+                "cameras": [{"name": "lobby", "host": "127.0.0.1", "ports": [free_port()]}],
+            },
+            env={"MALLOC_ARENA_MAX": env} if env else None,
+        )
+        for index, env in enumerate(("", "8"))
+    }
+    try:
+        for agent in agents.values():
+            agent.wait_connected()
+        statuses = {
+            env: json.loads(get(f"{agent.observability_url}/status")[1])["process"]
+            for env, agent in agents.items()
+        }
+        own, from_env = statuses[""]["malloc"], statuses["8"]["malloc"]
+        threads = len(list(Path(f"/proc/{agents[''].process.pid}/task").iterdir()))
+        assert own == {
+            "arena_max": malloc.ARENA_MAX,
+            "mmap_threshold_bytes": malloc.MMAP_THRESHOLD_BYTES,
+            "trim_threshold_bytes": malloc.TRIM_THRESHOLD_BYTES,
+            "arenas": own["arenas"],
+        }
+        assert 1 <= own["arenas"] <= malloc.ARENA_MAX < threads
+        assert from_env["arena_max"] is None
+        assert from_env["mmap_threshold_bytes"] == malloc.MMAP_THRESHOLD_BYTES
+        assert from_env["arenas"] > malloc.ARENA_MAX
+    finally:
+        for agent in agents.values():
+            agent.stop()
+
+
 SDK_CHECK = """
 import asyncio, base64, json, sys
 from tunnel_agent.hub import sdk
@@ -108,6 +151,15 @@ def test_the_iot_sdk_comes_without_requests_and_its_lazy_parts_still_run_when_us
         "edge_hsm_runs_when_used": "IoTEdgeHsm",
         "requests_after_edge": True,
     }
+
+
+def test_malloc_parameters_set_in_the_environment_are_left_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.check=0:glibc.malloc.mmap_threshold=65536")
+    assert malloc.tune() == malloc.MallocSettings()
 
 
 def test_images_are_encoded_on_the_calling_thread_alone() -> None:
