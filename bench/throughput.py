@@ -31,7 +31,7 @@ from tests.support.agent import AgentRunner
 from tests.support.net import free_port, wait_port
 
 SOCKET_BUFFER = 131072
-TARGETS = {"agent ws": 0.8, "agent wss": 0.5}
+TARGETS = {"agent ws": 0.8, "agent wss": 0.6}
 
 
 @dataclass

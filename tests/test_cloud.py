@@ -148,16 +148,43 @@ def cloud(
     logging.getLogger().removeHandler(records)
 
 
+def agent_closed(cloud: Cloud, relay_tunnel_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
+    """The agent's ``tunnel.closed`` line for the tunnel the relay calls ``relay_tunnel_id`` (its
+    ``tunnel.opened`` line names the relay's endpoint, which ends with that id)."""
+    endpoint = f"/v1/tunnels/{relay_tunnel_id}"
+
+    def closed() -> dict[str, Any] | None:
+        opened = [
+            e["tunnel"]
+            for e in cloud.agent.events("tunnel.opened")
+            if str(e.get("endpoint", "")).endswith(endpoint)
+        ]
+        ends = [e for e in cloud.agent.events("tunnel.closed") if e.get("tunnel") in opened]
+        return ends[-1] if ends else None
+
+    cloud.agent.process.wait_for(lambda _: closed() is not None, timeout_s)
+    found = closed()
+    assert found is not None
+    return found
+
+
 async def test_ffprobe_through_the_relay_sees_h264(cloud: Cloud) -> None:
-    before = len(cloud.relay.relay.history)
+    relay = cloud.relay.relay
+    # An earlier test's tunnel on this route may still be closing: its record is not this one.
+    route = f"route-{cloud.routes['agent']}"
+    earlier = {r.id for r in relay.history} | set(relay.tunnels)
     info = await ffprobe(f"rtsp://127.0.0.1:{cloud.routes['agent']}/test")
 
     assert info["streams"][0]["codec_name"] == "h264"  # type: ignore[index]
-    await until(lambda: len(cloud.relay.relay.history) > before, timeout_s=10)
-    record = cloud.relay.relay.history[-1]
+
+    def ours() -> list[TunnelRecord]:
+        return [r for r in list(relay.history) if r.id not in earlier and r.route == route]
+
+    await until(ours, timeout_s=10)
+    [record] = ours()
     assert record.device_id == "agent-cam"
     assert record.bytes_to_consumer > 2_000 and record.bytes_to_device > 100
-    closed = cloud.agent.wait_event("tunnel.closed")[-1]
+    closed = await asyncio.to_thread(agent_closed, cloud, record.id)
     # What the camera sent after the consumer hung up is in flight and dropped; nothing else is.
     assert 0.9 * int(closed["bytes_to_remote"]) <= record.bytes_to_consumer
     assert record.bytes_to_consumer <= int(closed["bytes_to_remote"])
@@ -336,7 +363,9 @@ async def test_devhub_rest_refuses_bad_signatures(cloud: Cloud) -> None:
 
 
 async def test_no_token_or_key_in_any_log(cloud: Cloud, tmp_path: Path) -> None:
-    relayed, closed = len(cloud.relay.relay.history), len(cloud.agent.events("tunnel.closed"))
+    relay = cloud.relay.relay
+    route = f"route-{cloud.routes['agent']}"
+    earlier = {r.id for r in relay.history} | set(relay.tunnels)
     await ffprobe(f"rtsp://127.0.0.1:{cloud.routes['agent']}/test")
     # A token of this test's own, refused by the device, so that one failure is logged too.
     reader, writer = await asyncio.open_connection("127.0.0.1", cloud.routes["fake"])
@@ -345,9 +374,14 @@ async def test_no_token_or_key_in_any_log(cloud: Cloud, tmp_path: Path) -> None:
     await cloud.servers.call(cloud.fake.answer(call, 400, refusal))
     assert await asyncio.wait_for(reader.read(), 10) == b""
     writer.close()
-    # Both tunnels are over on every side: all their lines have been written.
-    await until(lambda: len(cloud.relay.relay.history) > relayed, timeout_s=10)
-    await asyncio.to_thread(cloud.agent.wait_event, "tunnel.closed", closed + 1)
+
+    # Both tunnels are over on every side: all their lines have been written (counts alone could
+    # be met by an earlier test's tunnel that was still closing).
+    def ours() -> list[TunnelRecord]:
+        return [r for r in list(relay.history) if r.id not in earlier and r.route == route]
+
+    await until(ours, timeout_s=10)
+    await asyncio.to_thread(agent_closed, cloud, ours()[0].id)
     text = cloud.records.text() + cloud.agent.output()
     secrets = [API_KEY, cloud.devhub.service_connection_string.split("SharedAccessKey=")[1]]
     secrets += [

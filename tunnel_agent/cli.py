@@ -280,6 +280,9 @@ def _status(config: Path | None, url: str | None, as_json: bool) -> int:
 
 
 def _run(config: Path | None, log_format: str | None = None) -> int:
+    from tunnel_agent import malloc
+
+    malloc.tune()  # before any thread starts: arenas that exist stay
     settings = _load(config)
     if settings is None:
         return EXIT_CONFIG

@@ -19,20 +19,31 @@ def fresh_loopback_ip() -> str:
     return f"127.{_BASE}.{(n // 250) % 250}.{n % 250 + 2}"
 
 
+# Every port handed out in this session, never handed out again: a port picked and let go is
+# free for the kernel to give out once more, so two picks made one after the other (or one made
+# while an earlier pick is not yet bound by the server it was for) could otherwise be the same.
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1, host)[0]
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct free ports: each stays bound until all are picked (``free_port`` called
-    in a row can hand out the same port twice)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    """``count`` distinct free ports, none handed out before in this session. Each stays bound
+    until all are picked, so the kernel cannot offer the same one twice while picking."""
+    sockets: list[socket.socket] = []
+    ports: list[int] = []
     try:
-        for sock in sockets:
+        while len(ports) < count:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(sock)
             sock.bind((host, 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
+            port = int(sock.getsockname()[1])
+            if port not in _handed_out:
+                ports.append(port)
+        _handed_out.update(ports)
+        return ports
     finally:
         for sock in sockets:
             sock.close()

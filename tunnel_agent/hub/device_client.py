@@ -13,12 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from azure.iot.device import X509, ProxyOptions
-from azure.iot.device.aio import IoTHubDeviceClient, ProvisioningDeviceClient
-
 from tunnel_agent.aio import in_daemon_thread
 from tunnel_agent.config.proxy import ProxyAddress
 from tunnel_agent.config.settings import HubSettings
+from tunnel_agent.hub.sdk import (
+    X509,
+    IoTHubDeviceClient,
+    ProvisioningDeviceClient,
+    ProxyOptions,
+    mqtt_only,
+)
 from tunnel_agent.tunnel.contract import MODEL_ID
 
 DPS_ASSIGNED = "assigned"
@@ -125,7 +129,7 @@ async def create_device_client(
 
 
 async def _off_loop(work: Callable[[], T]) -> T:
-    return await in_daemon_thread(work, "hub-client-setup")
+    return await in_daemon_thread(lambda: mqtt_only(work), "hub-client-setup")
 
 
 async def provision(settings: HubSettings, proxy: ProxyAddress | None) -> tuple[str, str]:

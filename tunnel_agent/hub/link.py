@@ -17,14 +17,13 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from azure.iot.device import MethodRequest, MethodResponse
-from azure.iot.device.aio import IoTHubDeviceClient
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
 from tunnel_agent.aio import in_daemon_thread, wait_any
 from tunnel_agent.config.proxy import ProxyAddress
 from tunnel_agent.config.settings import HubSettings
 from tunnel_agent.hub.device_client import DeviceIdentity, create_device_client
+from tunnel_agent.hub.sdk import IoTHubDeviceClient, MethodRequest, MethodResponse
 from tunnel_agent.logs import EventLogger
 from tunnel_agent.tunnel.service import MethodResult
 

@@ -414,15 +414,22 @@ class CameraSource(SourceBase):
         due = any(pacer.is_due(now, early=early) for pacer in self._pacers)
         if not due and len(self._undecoded) < MAX_UNDECODED_PACKETS:
             return
-        frames = [frame for waiting in self._undecoded for frame in context.decode(waiting)]
+        # Only the newest frame is kept: each one held would keep a picture of FFmpeg's frame pool
+        # (3 MiB at 1080p) in use, and a group of pictures decoded in one go is up to 50 of them.
+        newest: av.VideoFrame | None = None
+        decoded = 0
+        for waiting in self._undecoded:
+            for frame in context.decode(waiting):
+                newest, decoded = frame, decoded + 1
         self._undecoded.clear()
         if self.keyframes_only:
             # A decoder with a reordering delay would hold the keyframe back until the next one.
-            frames += context.decode(None)
+            for frame in context.decode(None):
+                newest, decoded = frame, decoded + 1
             context.flush_buffers()
-        self.counters["frames_decoded"] += len(frames)
-        if due and frames:
-            self._deliver(frames[-1], None, None)
+        self.counters["frames_decoded"] += decoded
+        if due and newest is not None:
+            self._deliver(newest, None, None)
 
     def _stream_file(self, path: str, *, loop: bool) -> None:
         """A media file, in real time; looped so that tasks see a continuous source."""

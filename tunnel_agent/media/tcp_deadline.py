@@ -24,9 +24,8 @@ def tcp_sockets_to_port(port: int) -> set[tuple[int, str]]:
     found: set[tuple[int, str]] = set()
     for name in os.listdir(FD_FOLDER):
         fd = int(name)
-        try:
-            probe = socket.socket(fileno=os.dup(fd))
-        except OSError:  # not a socket, or closed meanwhile
+        probe = _socket_copy(fd)
+        if probe is None:
             continue
         with probe:
             if probe.type != socket.SOCK_STREAM or probe.family not in (
@@ -47,12 +46,32 @@ def limit_unacknowledged(fds: set[int], timeout_s: float) -> int:
     """Set ``TCP_USER_TIMEOUT`` on ``fds``; returns how many sockets took it."""
     done = 0
     for fd in fds:
-        try:
-            with socket.socket(fileno=os.dup(fd)) as sock:
+        sock = _socket_copy(fd)
+        if sock is None:
+            continue
+        with sock:
+            try:
                 sock.setsockopt(
                     socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, round(timeout_s * 1000))
                 )
-        except OSError:
-            continue
+            except OSError:
+                continue
         done += 1
     return done
+
+
+def _socket_copy(fd: int) -> socket.socket | None:
+    """A socket object on a duplicate of ``fd``, or None if ``fd`` is closed or not a socket.
+
+    ``socket.socket(fileno=...)`` does not close the descriptor it refuses, so the duplicate is
+    closed here: otherwise every pass over the process's files would leak one per non-socket.
+    """
+    try:
+        copy = os.dup(fd)
+    except OSError:  # closed meanwhile
+        return None
+    try:
+        return socket.socket(fileno=copy)
+    except OSError:  # not a socket
+        os.close(copy)
+        return None

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import asdict
 from typing import Any, Protocol
 
-from tunnel_agent import __version__
+from tunnel_agent import __version__, malloc
 from tunnel_agent.hub.link import HubLink
 from tunnel_agent.media.service import MediaService
 from tunnel_agent.tunnel.service import TunnelService
@@ -66,8 +67,9 @@ def mqtt_status(agent: AgentView) -> dict[str, Any] | None:
 
 
 # Heavy libraries a configuration loads only when it uses them (media sources and tasks, the MQTT
-# publisher, HTTP snapshot cameras): /status says which ones this process has loaded.
-OPTIONAL_LIBRARIES = ("av", "aiohttp", "aiomqtt")
+# publisher, HTTP snapshot cameras), and requests, which only the IoT SDK's IoT Edge and blob
+# upload parts use (tunnel_agent.hub.sdk): /status says which ones this process has loaded.
+OPTIONAL_LIBRARIES = ("av", "aiohttp", "aiomqtt", "requests")
 
 
 def rss_bytes() -> int | None:
@@ -84,6 +86,7 @@ def process_status() -> dict[str, Any]:
         "pid": os.getpid(),
         "rss_bytes": rss_bytes(),
         "libraries_loaded": {name: name in sys.modules for name in OPTIONAL_LIBRARIES},
+        "malloc": {**asdict(malloc.applied()), "arenas": malloc.arena_count()},
     }
 
 

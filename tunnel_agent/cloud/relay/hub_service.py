@@ -7,6 +7,7 @@ The same code talks to a real IoT Hub or to ``tunnel-agent devhub``.
 
 from __future__ import annotations
 
+import asyncio.sslproto
 import contextlib
 import json
 import ssl
@@ -33,6 +34,11 @@ PROBE_PATH = "/statistics/service"  # IoT Hub's service statistics: cheap, authe
 # beyond these go out on a connection of their own, closed with its answer, so that a few slow
 # devices never make the others wait for a kept connection.
 KEPT_CONNECTIONS = 4
+# asyncio's TLS protocol reads into a zero-filled buffer of ``SSLProtocol.max_size`` (256 KiB)
+# per connection, all of it touched at once. The relay's only asyncio TLS connections are these
+# (its own ports use aiofastnet), their answers are a few hundred bytes, and a burst of opens
+# makes one per call: at 256 KiB each the burst stayed in the heap after the calls were done.
+HUB_TLS_READ_BYTES = 32 * 1024
 _REFUSED_CREDENTIALS = (401, 403)
 _SERVER_ERROR = 500
 
@@ -171,6 +177,11 @@ class HubServiceClient:
             self.errors["bad_answer"] += 1
             raise MethodCallFailed(0, "answer is not JSON") from None
         return MethodAnswer(int(answer.get("status", 0)), answer.get("payload"))
+
+
+def limit_tls_read_buffer() -> None:
+    """Make asyncio's TLS read buffer (process-wide) the size the hub's answers need."""
+    asyncio.sslproto.SSLProtocol.max_size = HUB_TLS_READ_BYTES
 
 
 def _hub_reason(text: str, fallback: str | None) -> str:

@@ -16,8 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from tunnel_agent.cloud.relay.api import Probes, build_app, server_tls
 from tunnel_agent.cloud.relay.core import Relay
 from tunnel_agent.cloud.relay.extensions import RelayExtension, build_extensions
-from tunnel_agent.cloud.relay.front import FrontDoor, RequestHead, WebSocketRoute
-from tunnel_agent.cloud.relay.hub_service import HubServiceClient
+from tunnel_agent.cloud.relay.front import FrontDoor, RequestHead, WebSocketRoute, serve
+from tunnel_agent.cloud.relay.hub_service import HubServiceClient, limit_tls_read_buffer
 from tunnel_agent.cloud.relay.metrics import RelayMetrics
 from tunnel_agent.cloud.relay.settings import RelaySettings
 from tunnel_agent.config.base import split_host_port
@@ -113,6 +113,7 @@ async def start_relay(settings: RelaySettings) -> RunningRelay:
             SECRETS.add(part.partition("=")[2])
     if options.api_key is not None:
         SECRETS.add(options.api_key.get_secret_value())
+    limit_tls_read_buffer()
     hub = HubServiceClient(secret, service.rest_url, service.ca_file)
     relay = Relay(options, hub)
     metrics = RelayMetrics(relay)
@@ -154,7 +155,7 @@ async def start_relay(settings: RelaySettings) -> RunningRelay:
         )
         for door, listen in ((main_door, options.listen), (metrics_door, options.metrics_listen)):
             host, port = split_host_port(listen)
-            servers.append(await loop.create_server(door, host, port, backlog=LISTEN_BACKLOG))
+            servers.append(await serve(door, host, port, LISTEN_BACKLOG))
         for route in settings.routes:
             await relay.add_route(route)
     except BaseException:
