@@ -8,6 +8,7 @@ agent and fake device. Sources are distinct loopback addresses (127.0.0.x) so th
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -239,6 +240,43 @@ async def test_a_slowloris_client_does_not_stop_new_consumers(
     counts = relay.relay.refusals.counts
     assert counts["too many handshakes from this source"] == 22
     assert counts["request head not received in time"] == 8
+
+
+async def closed_but_watched() -> list[int]:
+    """Descriptors the running loop's selector still watches although they are closed."""
+    watched = asyncio.get_running_loop()._selector.get_map()  # type: ignore[attr-defined]
+    closed = []
+    for fd in list(watched):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.append(fd)
+    return closed
+
+
+async def test_connections_refused_at_the_door_leave_the_relay_able_to_accept(
+    bed: RelayBed, start: StartRelay
+) -> None:
+    # A connection refused as it is accepted is closed before its transport has registered its
+    # reader; a stale registration would break the next connection that gets the same
+    # descriptor number, on the relay's own loop (the devhub and other relays share it here).
+    relay = start(max_handshakes_per_source=1, header_timeout=10.0)
+    source = "127.0.0.17"
+    holder = await asyncio.open_connection("127.0.0.1", relay.port, local_addr=(source, 0))
+    counts = relay.relay.refusals.counts
+    for refused in range(1, 6):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", relay.port, local_addr=(source, 0)
+        )
+        await wait_closed(reader, 10)
+        writer.close()
+        assert counts["too many handshakes from this source"] == refused
+
+    assert await bed.servers.call(closed_but_watched()) == []
+    for _ in range(10):  # each a new connection from another source, one after the other
+        status, listed = await call_api(bed, relay, "GET", "/v1/sessions")
+        assert status == 200, listed
+    holder[1].close()
 
 
 async def test_wrong_api_keys_are_rate_limited_per_source(bed: RelayBed, start: StartRelay) -> None:

@@ -196,7 +196,10 @@ class FrontProtocol(asyncio.Protocol):
         refusal = self.door.admit(self.source)
         if refusal is not None:
             self.door.refusals.refused(refusal, self.source, listener="relay")
-            raw.abort()
+            # Not from inside connection_made: aiofastnet registers the socket's reader after
+            # this returns, without checking whether the transport is already closed, and that
+            # stale registration would break the next socket given the same descriptor.
+            asyncio.get_running_loop().call_soon(raw.abort)
             return
         self._counted = True
         loop = asyncio.get_running_loop()
