@@ -14,6 +14,7 @@ Rounds are interleaved (every configuration once, then again) and each figure pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import statistics
 import threading
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import psutil
 
 from bench.common import (
     LOOPBACK,
@@ -33,7 +35,6 @@ from bench.common import (
     cpu_seconds,
     entry_point,
     environment,
-    rss_bytes,
     table,
     wait_until,
 )
@@ -48,6 +49,29 @@ TARGET_SNAPSHOT_PCT = 5.0
 SNAPSHOT_REFERENCE = "snap 1/s gop25"  # the case the target is for (keyframes suffice)
 STATUS_INTERVAL_S = 5.0  # the agent's media.source_status lines give decoded frames per second
 MIB = 2**20
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    """A process and its descendants: the agent's re-stream publishers are its children."""
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for process in _tree(pid):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def tree_rss_bytes(pid: int) -> int:
+    total = 0
+    for process in _tree(pid):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += process.memory_info().rss
+    return total
 
 
 @dataclass(frozen=True)
@@ -292,17 +316,17 @@ class Bench:
                 cams.append(self.recorder.child.pid)
             before = self._output(case, running)
             c0, k0, t0, w0 = (
-                cpu_seconds(running.pid),
+                tree_cpu_seconds(running.pid),
                 sum(cpu_seconds(p) for p in cams),
                 time.monotonic(),
                 time.time(),
             )
-            peak = rss_bytes(running.pid)
+            peak = tree_rss_bytes(running.pid)
             while time.monotonic() < t0 + seconds:
                 time.sleep(min(0.5, max(0.0, t0 + seconds - time.monotonic())))
-                peak = max(peak, rss_bytes(running.pid))
+                peak = max(peak, tree_rss_bytes(running.pid))
             c1, k1, t1, w1 = (
-                cpu_seconds(running.pid),
+                tree_cpu_seconds(running.pid),
                 sum(cpu_seconds(p) for p in cams),
                 time.monotonic(),
                 time.time(),

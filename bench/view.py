@@ -12,6 +12,8 @@ in this process (for CPU) or headless Chromium (first frame, latency).
   Per session = (N sessions - idle) / N; per viewer = (1 x V - 1 x 1) / (V - 1); the ratio is per
   session over ffmpeg per stream. The relay's share includes everything it does for a session:
   the device's WebSocket (TLS), the tunnel to the remuxer, remuxing, and TLS WebSockets out.
+  Per session is also split by thread: the relay's event loop (device and viewer TLS, the tunnel,
+  the fan-out) and the remuxer threads (PyAV's RTSP reading and demuxing, the fMP4 writer).
 - First frame: a new session per run, Chromium opens the view link; the page's own
   ``performance.now()`` at its first presented frame (``requestVideoFrameCallback``) is the time
   from navigation start. That includes tunnelOpen, RTSP set-up and the wait for a keyframe.
@@ -36,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil  # type: ignore[import-untyped]
 
 from bench.common import (
     LOOPBACK,
@@ -291,10 +295,29 @@ def cpu_pct(pids: list[int], seconds: float) -> float:
     return used / (time.monotonic() - started) * 100
 
 
+def thread_seconds(pid: int) -> dict[int, float]:
+    """User + system CPU time of each thread of ``pid``, by thread id."""
+    return {t.id: t.user_time + t.system_time for t in psutil.Process(pid).threads()}
+
+
+def split_cpu_pct(pid: int, seconds: float) -> tuple[float, float]:
+    """(% of a core, of which the main thread's: the event loop) of ``pid`` over ``seconds``.
+
+    The rest is the relay's other threads: one remuxer (PyAV) per watched session."""
+    before = thread_seconds(pid)
+    started = time.monotonic()
+    time.sleep(seconds)
+    after = thread_seconds(pid)
+    elapsed = time.monotonic() - started
+    used = {tid: value - before.get(tid, 0.0) for tid, value in after.items()}
+    return sum(used.values()) / elapsed * 100, used.get(pid, 0.0) / elapsed * 100
+
+
 def relay_case(
     rig: ViewRig, sessions: int, viewers: int, seconds: float, settle: float
-) -> tuple[float, float]:
-    """(relay % of a core, Mbit/s per viewer) with ``sessions`` x ``viewers`` watching."""
+) -> tuple[float, float, float]:
+    """(relay % of a core, of which the event loop's, Mbit/s per viewer) with ``sessions`` x
+    ``viewers`` watching."""
     watching = Viewers(rig)
     try:
         for _ in range(sessions):
@@ -303,9 +326,9 @@ def relay_case(
         time.sleep(settle)
         start_bytes = sum(watching.bytes.values())
         started = time.monotonic()
-        pct = cpu_pct([rig.relay.pid], seconds)
+        pct, loop_pct = split_cpu_pct(rig.relay.pid, seconds)
         mbps = (sum(watching.bytes.values()) - start_bytes) * 8 / 1e6 / (time.monotonic() - started)
-        return pct, mbps / (sessions * viewers)
+        return pct, loop_pct, mbps / (sessions * viewers)
     finally:
         watching.stop()
         rig.wait_no_watches()
@@ -491,9 +514,9 @@ def measure_cpu(rig: ViewRig, args: argparse.Namespace) -> list[list[object]]:
 
     for round_index in range(args.rounds):
         idle = cpu_pct([rig.relay.pid], args.seconds)
-        one, mbps = relay_case(rig, 1, 1, args.seconds, args.settle)
-        many, _ = relay_case(rig, sessions, 1, args.seconds, args.settle)
-        fan, _ = relay_case(rig, 1, viewers, args.seconds, args.settle)
+        one, _, mbps = relay_case(rig, 1, 1, args.seconds, args.settle)
+        many, many_loop, _ = relay_case(rig, sessions, 1, args.seconds, args.settle)
+        fan, _, _ = relay_case(rig, 1, viewers, args.seconds, args.settle)
         ffmpeg_one, _ = ffmpeg_case(rig, 1, args.seconds, args.settle)
         ffmpeg_many, _ = ffmpeg_case(rig, sessions, args.seconds, args.settle)
         _, tunnel = ffmpeg_case(rig, sessions, args.seconds, args.settle, through_relay=True)
@@ -504,6 +527,8 @@ def measure_cpu(rig: ViewRig, args: argparse.Namespace) -> list[list[object]]:
         add(f"relay, {sessions} sessions x 1 viewer", many)
         add(f"relay, 1 session x {viewers} viewers", fan)
         add("relay per watched session", per_session)
+        add("  of which the event loop (TLS, tunnel, viewers)", (many_loop - idle) / sessions)
+        add("  of which the remuxer thread (PyAV)", (many - many_loop) / sessions)
         add("relay per added viewer", (fan - one) / (viewers - 1))
         add("ffmpeg -c copy fMP4, 1 stream", ffmpeg_one)
         add(f"ffmpeg per stream, {sessions} streams", ffmpeg_many)

@@ -280,3 +280,34 @@ def test_finding_and_bounding_a_servers_socket_leaves_no_descriptor_behind() -> 
             os.close(fd)
         client.close()
         listener.close()
+
+
+def test_the_publisher_wire_carries_open_requests_and_packets_whole() -> None:
+    import io
+    from fractions import Fraction
+
+    from tunnel_agent.media.packets import MediaPacket
+    from tunnel_agent.media.publish_wire import (
+        OPEN,
+        PACKET,
+        OpenRequest,
+        open_frame,
+        packet_frame,
+        parse_open,
+        parse_packet,
+        read_frame,
+    )
+
+    request = OpenRequest("rtsp://u:p@127.0.0.1:8554/x", {"timeout": "5000000"}, 2.5, 8554)
+    keyframe = MediaPacket(b"\0\0\1\x65key", 9100, 9000, Fraction(1, 90000), True, 1, 0.0)
+    no_pts = MediaPacket(b"\0\0\1\x41", None, 12600, Fraction(1, 90000), False, 1, 0.0)
+    wire = io.BytesIO(
+        open_frame(request) + packet_frame(keyframe, 9000) + packet_frame(no_pts, 9000) + b"P\0"
+    )
+    kind, payload = read_frame(wire) or (b"", b"")
+    assert kind == OPEN and parse_open(payload) == request
+    kind, payload = read_frame(wire) or (b"", b"")
+    assert kind == PACKET and parse_packet(payload) == (100, 0, 1, 90000, True, keyframe.data)
+    kind, payload = read_frame(wire) or (b"", b"")
+    assert parse_packet(payload) == (None, 3600, 1, 90000, False, no_pts.data)
+    assert read_frame(wire) is None  # a frame cut short is the end of input

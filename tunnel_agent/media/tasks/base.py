@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from tunnel_agent.logs import EventLogger, redact_text
@@ -116,6 +117,7 @@ class MediaTask(Generic[Item]):
                 break
             for item in items:
                 self._handle_one(item)
+            self._guarded(self.after_batch)
         try:
             self.close()
         except Exception as exc:
@@ -128,8 +130,11 @@ class MediaTask(Generic[Item]):
         ):
             self.counters["dropped_while_failed"] += 1
             return
+        self._guarded(self.handle, item)
+
+    def _guarded(self, work: Callable[..., None], *args: object) -> None:
         try:
-            self.handle(item)
+            work(*args)
         except TaskError as exc:
             self._fail(str(exc))
         except Exception as exc:
@@ -170,6 +175,9 @@ class MediaTask(Generic[Item]):
 
     def handle(self, item: Item) -> None:
         raise NotImplementedError
+
+    def after_batch(self) -> None:
+        """Work after the items of one hand-over, e.g. writing out what they gathered."""
 
     def begin(self) -> None:
         """Work before the first item, e.g. recovering the files a crash left."""

@@ -1,28 +1,37 @@
 """stream-to-rtsp / stream-to-rtsps: publish the camera to a media server, copied, over TCP.
 
-The output is an RTSP ANNOUNCE/RECORD session. Camera side and server side recover on their own:
-a lost camera connection gives a new stream template and the output is re-announced; a lost
-server fails this task only, which reconnects on the next keyframe after its backoff. For RTSPS the
-server's certificate is verified (FFmpeg does not unless told to). The open is bounded by FFmpeg's
-``timeout`` option (connect and every read of the handshake); writes are bounded by the kernel
-(see ``tcp_deadline``), as nothing in FFmpeg or PyAV bounds a write to an RTSP output.
+The output is an RTSP ANNOUNCE/RECORD session, run by a publisher process of its own
+(``tunnel_agent.media.publisher``): FFmpeg's handshake with the server holds the GIL, so in this
+process a slow or silent server would freeze every tunnel. Camera side and server side recover on
+their own: a lost camera connection gives a new stream template and the output is re-announced;
+a lost server fails this task only, which reconnects on the next keyframe after its backoff. For
+RTSPS the server's certificate is verified (FFmpeg does not unless told to). The open is bounded
+by FFmpeg's ``timeout`` option (connect and every read of the handshake) and by a deadline here;
+writes are bounded by the kernel (see ``tcp_deadline``), as nothing in FFmpeg or PyAV bounds a
+write to an RTSP output, and by a deadline on the pipe to the publisher.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
-
-import av
-import av.container
+import threading
 
 from tunnel_agent.logs import SECRETS
 from tunnel_agent.media.backoff import Backoff
 from tunnel_agent.media.packets import MediaPacket, StreamTemplate
+from tunnel_agent.media.publish_wire import OpenRequest, open_frame, packet_frame, template_frame
+from tunnel_agent.media.publisher_process import PublisherError, PublisherProcess
 from tunnel_agent.media.settings import StreamSettings
 from tunnel_agent.media.tasks.base import PacketTask, TaskError
-from tunnel_agent.media.tcp_deadline import limit_unacknowledged, tcp_sockets_to_port
 from tunnel_agent.media.urls import redact_url, with_credentials
+
+# Starting a publisher (an interpreter that imports PyAV) on a slow board, before the handshake.
+PUBLISHER_START_S = 20.0
+# The handshake's waits, each bounded by FFmpeg's timeout: connect, OPTIONS, ANNOUNCE, SETUP,
+# RECORD (TLS adds one more for RTSPS).
+HANDSHAKE_WAITS = 6
+# Beyond the kernel's bound on the publisher's socket: how long the publisher may take nothing.
+PIPE_MARGIN_S = 5.0
 
 
 def server_url(settings: StreamSettings) -> str:
@@ -69,9 +78,20 @@ class StreamToRtsp(PacketTask):
         if settings.media_server_password is not None:
             SECRETS.add(settings.media_server_password.get_secret_value())
         self._template: StreamTemplate | None = None
-        self._output: av.container.OutputContainer | None = None
-        self._stream: Any = None
+        self._publisher: PublisherProcess | None = None
+        self._pending: list[bytes] = []
         self._offset = 0
+        self._stopping = threading.Event()
+        self._publisher_lock = threading.Lock()
+
+    def stop(self) -> None:
+        """Also ends an open in progress: the publisher is killed, the thread is free at once."""
+        self._stopping.set()
+        with self._publisher_lock:
+            publisher = self._publisher
+        if publisher is not None:
+            publisher.kill()
+        super().stop()
 
     def handle(self, item: MediaPacket | StreamTemplate) -> None:
         if isinstance(item, StreamTemplate):
@@ -81,63 +101,75 @@ class StreamToRtsp(PacketTask):
         template = self._template
         if template is None or item.generation != template.generation:
             return
-        if self._output is None:
+        if self._publisher is None:
             if not item.is_keyframe:
                 self.counters["skipped_until_keyframe"] += 1
                 return
-            self._open(template, item)
-        assert self._output is not None
-        try:
-            self._output.mux(item.to_av(self._stream, self._offset))
-        except (av.FFmpegError, OSError, ValueError) as exc:
-            raise TaskError(f"lost {self.display}: {_reason(exc)}") from None
+            if not self._open(template, item):
+                return
+        self._pending.append(packet_frame(item, self._offset))
         self.counters["packets"] += 1
+
+    def after_batch(self) -> None:
+        publisher = self._publisher
+        if publisher is None or not self._pending:
+            return
+        data, self._pending = b"".join(self._pending), []
+        try:
+            publisher.send(data, self.write_timeout_s + PIPE_MARGIN_S)
+        except PublisherError as exc:
+            self._forget_publisher()
+            if self._stopping.is_set():
+                return
+            raise TaskError(f"lost {self.display}: {exc}") from None
         self.running()
 
-    def _open(self, template: StreamTemplate, first: MediaPacket) -> None:
-        port = self.settings.media_server_port
-        before = tcp_sockets_to_port(port)
+    def _open(self, template: StreamTemplate, first: MediaPacket) -> bool:
+        """Connect a publisher; False when the task is stopping meanwhile."""
+        request = OpenRequest(
+            url=self.url,
+            options=output_options(self.settings, self.open_timeout_s),
+            write_timeout_s=self.write_timeout_s,
+            server_port=self.settings.media_server_port,
+        )
+        frames = open_frame(request) + template_frame(template, first)
+        with self._publisher_lock:
+            if self._stopping.is_set():
+                return False
+            publisher = self._publisher = PublisherProcess()
         try:
-            output = av.open(
-                self.url,
-                "w",
-                format="rtsp",
-                options=output_options(self.settings, self.open_timeout_s),
+            answer = publisher.open(
+                frames, PUBLISHER_START_S + HANDSHAKE_WAITS * self.open_timeout_s
             )
-        except (av.FFmpegError, OSError) as exc:
-            raise TaskError(f"cannot publish to {self.display}: {_reason(exc)}") from None
-        try:
-            stream = output.add_stream_from_template(template.stream)
-            # FFmpeg connects (TCP, TLS, ANNOUNCE, RECORD) only when the header is written:
-            # do it now, so that a refused server is "cannot publish", not a lost connection.
-            output.start_encoding()
-        except (av.FFmpegError, OSError, ValueError) as exc:
-            with contextlib.suppress(av.FFmpegError, OSError, ValueError):
-                output.close()
-            raise TaskError(f"cannot publish to {self.display}: {_reason(exc)}") from None
-        ours = {fd for fd, _ in tcp_sockets_to_port(port) - before}
-        if not limit_unacknowledged(ours, self.write_timeout_s):
+        except PublisherError as exc:
+            self._forget_publisher()
+            if self._stopping.is_set():
+                return False
+            verb = "lost" if exc.opened else "cannot publish to"
+            raise TaskError(f"{verb} {self.display}: {exc}") from None
+        if not answer.get("write_bounded"):
             self.log.warning("media.restream_write_unbounded", server=self.display)
-        self._output = output
-        self._stream = stream
         self._offset = first.dts
         self.counters["connects"] += 1
         self.log.info("media.restream_connected", server=self.display, codec=template.codec)
+        return True
+
+    def _forget_publisher(self) -> None:
+        with self._publisher_lock:
+            self._publisher = None
+        self._pending = []
 
     def _close_output(self) -> None:
-        output, self._output = self._output, None
-        if output is not None:
-            with contextlib.suppress(av.FFmpegError, OSError):
-                output.close()
+        with contextlib.suppress(TaskError):  # hand over what is pending; a failure changes nothing
+            self.after_batch()
+        with self._publisher_lock:
+            publisher, self._publisher = self._publisher, None
+        self._pending = []
+        if publisher is not None:
+            publisher.close()
 
     def reset(self) -> None:
         self._close_output()
 
     def close(self) -> None:
         self._close_output()
-
-
-def _reason(exc: BaseException) -> str:
-    """FFmpeg's message without the URL it may quote (which could hold the password)."""
-    text = str(exc)
-    return text.split(": '", 1)[0] if ": '" in text else text
