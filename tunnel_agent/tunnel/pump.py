@@ -382,6 +382,9 @@ class Pump:
         if self.near.gone and self.far.gone and not self.closed.done():
             if self._abort_timer is not None:
                 self._abort_timer.cancel()
+            self._abort_timer = None
+            for end in self.ends:
+                end.pump = None  # pump <-> end is a cycle: break it so that refcounting frees both
             self.closed.set_result(None)
 
     @property
