@@ -48,6 +48,20 @@ def media_agent(folder: Path, cameras: list[dict[str, Any]], **extra: Any) -> Ag
     )
 
 
+def restream_agent(
+    folder: Path, camera: RtspCamera, server_port: int, path: str, **media: Any
+) -> AgentRunner:
+    """An agent re-streaming ``camera`` to a media server on loopback at ``server_port``."""
+    stream = {
+        "name": "out",
+        "task": "stream-to-rtsp",
+        "media_server_address": "127.0.0.1",
+        "media_server_port": server_port,
+        "media_server_path": path,
+    }
+    return media_agent(folder, [camera_entry(camera, streams=[stream])], media=media)
+
+
 def metrics_of(agent: AgentRunner) -> str:
     return scrape(agent.observability_url)
 

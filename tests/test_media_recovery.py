@@ -21,7 +21,7 @@ from tests.support.disk import SmallDisk
 from tests.support.mqtt import MediaBroker
 from tests.support.threadloop import ThreadLoop
 from tests.support.waiting import until
-from tests.test_media import FAST
+from tests.test_media import FAST, restream_agent
 from tunnel_agent.media.backoff import Backoff
 from tunnel_agent.media.mqtt import MqttPublisher, OutgoingMessage
 from tunnel_agent.media.packets import MediaPacket
@@ -182,16 +182,8 @@ async def test_a_media_server_that_stops_reading_is_lost_within_the_write_timeou
     write_timeout_s = 2.0
     margin_s = 8.0  # filling the socket buffers, the kernel's probe timer, a loaded machine
     server = StalledMediaServer()
-    stream = {
-        "name": "out",
-        "task": "stream-to-rtsp",
-        "media_server_address": "127.0.0.1",
-        "media_server_port": server.port,
-        "media_server_path": "stalled",
-    }
-    media = {**FAST, "server_write_timeout": write_timeout_s}
-    agent = AgentRunner(
-        tmp_path / "agent", {"cameras": [camera_entry(camera, streams=[stream])], "media": media}
+    agent = restream_agent(
+        tmp_path / "agent", camera, server.port, "stalled", server_write_timeout=write_timeout_s
     )
 
     def failures() -> list[dict[str, Any]]:

@@ -13,11 +13,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import camera_entry
-from tests.support.agent import AgentRunner
 from tests.support.camera import RtspCamera
 from tests.support.waiting import until
-from tests.test_media import FAST
+from tests.test_media import restream_agent
 from tests.test_observability import get
 
 OPEN_TIMEOUT_S = 60.0  # how long FFmpeg would wait for each answer of the handshake
@@ -61,16 +59,8 @@ async def test_a_silent_media_server_freezes_neither_the_agent_nor_its_shutdown(
     tmp_path: Path, camera: RtspCamera
 ) -> None:
     server = SilentMediaServer()
-    stream = {
-        "name": "out",
-        "task": "stream-to-rtsp",
-        "media_server_address": "127.0.0.1",
-        "media_server_port": server.port,
-        "media_server_path": "silent",
-    }
-    media = {**FAST, "open_timeout": OPEN_TIMEOUT_S}
-    agent = AgentRunner(
-        tmp_path / "agent", {"cameras": [camera_entry(camera, streams=[stream])], "media": media}
+    agent = restream_agent(
+        tmp_path / "agent", camera, server.port, "silent", open_timeout=OPEN_TIMEOUT_S
     )
     try:
         # The re-stream is opening: its TCP connection to the server is up, unanswered.

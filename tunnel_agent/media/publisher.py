@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 import av
 import av.container
 
+from tunnel_agent import malloc
 from tunnel_agent.media.publish_wire import (
     OPEN,
     PACKET,
@@ -78,7 +79,7 @@ def open_session(open_payload: bytes, template: bytes) -> Session:
             raise
     ours = {fd for fd, _ in tcp_sockets_to_port(request.server_port) - before}
     bounded = limit_unacknowledged(ours, request.write_timeout_s) > 0
-    answer(connected=True, write_bounded=bounded)
+    answer(connected=True, write_bounded=bounded, arena_max=malloc.applied().arena_max)
     return Session(output, stream)
 
 
@@ -105,6 +106,7 @@ def serve(source: BinaryIO) -> int:
 
 
 def main() -> int:
+    malloc.tune()  # as the agent does for itself, before FFmpeg starts any thread
     return serve(sys.stdin.buffer)
 
 

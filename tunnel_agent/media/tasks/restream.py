@@ -151,7 +151,12 @@ class StreamToRtsp(PacketTask):
             self.log.warning("media.restream_write_unbounded", server=self.display)
         self._offset = first.dts
         self.counters["connects"] += 1
-        self.log.info("media.restream_connected", server=self.display, codec=template.codec)
+        self.log.info(
+            "media.restream_connected",
+            server=self.display,
+            codec=template.codec,
+            publisher_arena_max=answer.get("arena_max"),
+        )
         return True
 
     def _forget_publisher(self) -> None:
