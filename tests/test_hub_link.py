@@ -81,8 +81,9 @@ def test_every_sdk_call_has_a_deadline(tmp_path: Path, ca: LocalCA, silent_hub: 
         took = seconds(failure) - seconds(attempt)
         assert timeout_s - 0.1 <= took < timeout_s + 5
     # The first handshake gave up after keep_alive (5 s), long after its call was abandoned:
-    # that late failure is one warning, not an unretrieved-exception error.
-    assert agent.events("hub.abandoned_call_failed")
+    # that late failure is one warning, not an unretrieved-exception error. It comes when the
+    # SDK's thread gets to it, which on a loaded machine can be after the fourth failure.
+    assert agent.wait_event("hub.abandoned_call_failed", timeout_s=30)
     assert agent.stop() == 0  # a hung SDK call does not hold the shutdown either
 
 
