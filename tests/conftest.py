@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import shutil
 import ssl
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,24 @@ def endpoint(
     servers.run(server.start())
     yield server
     servers.run(server.stop())
+
+
+SHARED_CAMERAS = ("camera", "auth_camera", "digest_camera")
+
+
+@pytest.fixture(autouse=True)
+def _shared_cameras_running(request: pytest.FixtureRequest) -> None:
+    """A shared camera that died in an earlier test is started again, said in a warning."""
+    for name in SHARED_CAMERAS:
+        if name in request.fixturenames:
+            cam: RtspCamera = request.getfixturevalue(name)
+            last_words = cam.restart_if_dead()
+            if last_words is not None:
+                warnings.warn(
+                    f"the shared camera on port {cam.port} had exited and was started again;"
+                    f" its log ended with: {last_words[-600:]}",
+                    stacklevel=1,
+                )
 
 
 def camera_entry(cam: RtspCamera, name: str = "lobby", **extra: Any) -> dict[str, Any]:

@@ -39,8 +39,29 @@ class RtspCamera:
         args += extra or []
         env = {"RTSP_CAMERA_PASSWORD": password} if password else None
         folder.mkdir(parents=True, exist_ok=True)
-        self.process = ManagedProcess(args, folder / f"camera-{self.port}.log", env=env)
-        self.process.wait_for(lambda out: "READY" in out, timeout_s=20)
+        self._start = (args, folder, env)
+        self.restarts = 0
+        self.process = self._launch()
+
+    def _launch(self) -> ManagedProcess:
+        args, folder, env = self._start
+        suffix = f"-restart-{self.restarts}" if self.restarts else ""
+        process = ManagedProcess(args, folder / f"camera-{self.port}{suffix}.log", env=env)
+        process.wait_for(lambda out: "READY" in out, timeout_s=20)
+        return process
+
+    def restart_if_dead(self) -> str | None:
+        """Start the camera again if it has exited; the end of its log if it had.
+
+        gst-rtsp-server can abort on an assertion of its own (``gst_rtsp_media_get_rates``) while
+        clients come and go; a camera shared by many tests must not take every later test down
+        with it."""
+        if self.process.process.poll() is None:
+            return None
+        last_words = self.process.output()[-2000:]
+        self.restarts += 1
+        self.process = self._launch()
+        return last_words
 
     def url(
         self, *, with_credentials: bool = False, host: str | None = None, port: int | None = None
