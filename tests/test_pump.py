@@ -235,13 +235,17 @@ async def test_keepalive_spares_a_busy_link_whose_pongs_wait_behind_data(
     ca: LocalCA, endpoint: TunnelEndpoint, servers: ThreadLoop, stub: TcpCamera
 ) -> None:
     async def slow_sink(ws: web.WebSocketResponse, session: Session) -> None:
+        unpaced = 0
         async for message in ws:  # pings are only answered when the reader gets to them
             if message.type == WSMsgType.PING:
                 session.pings += 1
                 await ws.pong(message.data)
-            elif isinstance(message.data, bytes):  # ~1.3 MB/s, whatever the frames' size
+            elif isinstance(message.data, bytes):  # 256 KiB per 50 ms, whatever the frames' size
                 session.counters.to_consumer += len(message.data)
-                await asyncio.sleep(0.05 * len(message.data) / 65536)
+                unpaced += len(message.data)
+                if unpaced >= 262144:
+                    unpaced -= 262144
+                    await asyncio.sleep(0.05)
 
     service = service_for(ca, stub.port, ping_interval=1, ping_timeout=1)
     session = await servers.call(endpoint.new_session(handler=slow_sink, autoping=False))

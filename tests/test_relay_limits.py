@@ -407,13 +407,24 @@ async def test_the_device_side_runs_tls_on_the_socket_and_bounds_each_read(
     reads: with the agent's frames of one TLS record, its read buffer stops at ~30 KiB."""
     relay = start(routes=[route(bed)])
     _, writer = await open_rtsp(route_port(relay))
-    (tunnel,) = relay.relay.tunnels.values()
-    ws = tunnel.device.ws
-    assert ws is not None
-    transport = ws.underlying_transport
-    assert transport.get_extra_info("ssl_incoming_use_membio") is False
-    assert transport.get_extra_info("ssl_outgoing_use_membio") is False
-    assert transport.get_extra_info("cipher") is not None
-    assert len(transport.get_protocol().get_buffer(-1)) <= WEBSOCKET_READ_LIMIT_BYTES
+
+    async def device_transport() -> tuple[object, object, object, int]:
+        (tunnel,) = relay.relay.tunnels.values()  # read on the relay's own loop
+        ws = tunnel.device.ws
+        assert ws is not None
+        transport = ws.underlying_transport
+        return (
+            transport.get_extra_info("ssl_incoming_use_membio"),
+            transport.get_extra_info("ssl_outgoing_use_membio"),
+            transport.get_extra_info("cipher"),
+            len(transport.get_protocol().get_buffer(-1)),
+        )
+
+    incoming_membio, outgoing_membio, cipher, read_bytes = await bed.servers.call(
+        device_transport()
+    )
+    assert incoming_membio is False and outgoing_membio is False
+    assert cipher is not None
+    assert read_bytes <= WEBSOCKET_READ_LIMIT_BYTES
     writer.close()
     await until(lambda: len(relay.relay.history) == 1, timeout_s=10)
