@@ -68,6 +68,7 @@ TARGET_RATIO = 2.0
 TARGET_FIRST_FRAME_S = 3.0
 TARGET_LATENCY_S = 1.5
 GRACE_S = 3.0
+STAGGER_S = 0.5
 
 READ_CLOCK = """
 window.latencies = [];
@@ -321,6 +322,7 @@ def relay_case(
     watching = Viewers(rig)
     try:
         for _ in range(sessions):
+            stagger()
             watching.start(rig.session("cpu"), viewers)
         wait_until(watching.all_receiving, 30, "every viewer to receive video")
         time.sleep(settle)
@@ -334,6 +336,12 @@ def relay_case(
         rig.wait_no_watches()
 
 
+def stagger() -> None:
+    """Clients of the camera start a moment apart: gst-rtsp-server can abort on an assertion
+    (``gst_rtsp_media_get_rates``) when several set up its shared media at the same instant."""
+    time.sleep(STAGGER_S)
+
+
 def ffmpeg_case(
     rig: ViewRig, streams: int, seconds: float, settle: float, *, through_relay: bool = False
 ) -> tuple[float, float]:
@@ -343,30 +351,29 @@ def ffmpeg_case(
     the relay's share is what carrying a tunnel costs it, without the view.
     """
     url = rig.camera_url("cpu", through_relay=through_relay)
-    processes = [
-        subprocess.Popen(
-            [
-                "ffmpeg",
-                "-nostdin",
-                "-loglevel",
-                "error",
-                "-rtsp_transport",
-                "tcp",
-                "-i",
-                url,
-                "-c",
-                "copy",
-                "-f",
-                "mp4",
-                "-movflags",
-                "frag_keyframe+empty_moov",
-                "pipe:1",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(streams)
+    command = [
+        "ffmpeg",
+        "-nostdin",
+        "-loglevel",
+        "error",
+        "-rtsp_transport",
+        "tcp",
+        "-i",
+        url,
+        "-c",
+        "copy",
+        "-f",
+        "mp4",
+        "-movflags",
+        "frag_keyframe+empty_moov",
+        "pipe:1",
     ]
+    processes = []
+    for _ in range(streams):
+        stagger()
+        processes.append(
+            subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        )
     try:
         time.sleep(settle + 2)
         if any(p.poll() is not None for p in processes):
