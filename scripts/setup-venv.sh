@@ -16,8 +16,12 @@ case "$PURPOSE" in
 esac
 bash scripts/uv.sh --version >/dev/null  # the Python check and uv itself, with their own messages
 # --locked: stop, instead of resolving anew, when uv.lock no longer matches pyproject.toml.
-if ! bash scripts/uv.sh sync --quiet --locked "${args[@]}"; then
+# --compile-bytecode, and the project's own sources below: every process (the suite starts
+# hundreds) otherwise compiles every module from source when PYTHONDONTWRITEBYTECODE is set or
+# the tree is read-only, at ~0.6 s of CPU and ~4 MiB of RSS for each agent start.
+if ! bash scripts/uv.sh sync --quiet --locked --compile-bytecode "${args[@]}"; then
   echo "venv: not ready; if uv.lock is out of date, see \"Updating the lock\" in README.md" >&2
   exit 1
 fi
+.venv/bin/python -m compileall -q -j 0 tunnel_agent tests bench
 echo "venv: ready for $PURPOSE ($(.venv/bin/python -V), from uv.lock)"

@@ -1,14 +1,15 @@
 """The browser view's pure parts: fragmented MP4 writing, timestamps, the GOP cache and queues.
 
-Clips are encoded here from synthetic frames (H.264, H.265, AAC) in Matroska (samples as MP4 has
-them) and MPEG-TS (Annex B with start codes, as FFmpeg hands RTSP video over); what the relay
-writes from them is read back with FFmpeg's own MP4 demuxer and decoders (through PyAV).
+Clips are encoded here from synthetic frames (H.264, H.265, AAC) in Matroska (parameter sets in
+the codec record, as a camera's SDP carries them) and MPEG-TS (parameter sets in-band); their
+packets go out as RTP (``tests/support/rtp.py``) and come back through the relay's depacketisers
+and remuxer, as from a camera. What the relay writes is read back with FFmpeg's own MP4 demuxer and
+decoders (through PyAV).
 """
 
 from __future__ import annotations
 
 import io
-import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -17,6 +18,7 @@ import av
 import av.container
 import pytest
 
+from tests.support.rtp import Packetizer
 from tunnel_agent.cloud.relay.view import fanout, fmp4
 from tunnel_agent.cloud.relay.view.boxes import (
     aac_codec_string,
@@ -24,7 +26,7 @@ from tunnel_agent.cloud.relay.view.boxes import (
     hevc_codec_string,
 )
 from tunnel_agent.cloud.relay.view.fanout import GopCache, Offer, ViewerQueue
-from tunnel_agent.cloud.relay.view.remux import remux, usable_dts
+from tunnel_agent.cloud.relay.view.remux import AudioSetup, Remuxer, pick_audio, pick_video
 from tunnel_agent.cloud.relay.view.segments import (
     CameraStreamError,
     Fragment,
@@ -32,8 +34,16 @@ from tunnel_agent.cloud.relay.view.segments import (
     Keyframe,
 )
 from tunnel_agent.cloud.relay.view.snapshot import keyframe_to_jpeg
+from tunnel_agent.rtsp.depacketize import (
+    AacDepacketizer,
+    H264Depacketizer,
+    H265Depacketizer,
+    VideoAccessUnit,
+)
+from tunnel_agent.rtsp.sdp import parse_sdp
 
 FPS = 15
+CAMERA_SPS = bytes.fromhex("6742c016da0280bfe5c05a8303035280000003008000000f478b1750")
 GOP = 5
 
 
@@ -92,10 +102,80 @@ class Collect:
         self.keyframes.append(keyframe)
 
 
+def split_annexb(data: bytes) -> list[bytes]:
+    """The NAL units of an Annex B byte stream (start codes and trailing zeros dropped)."""
+    return [u.rstrip(b"\x00") for u in data.split(b"\x00\x00\x01") if u.rstrip(b"\x00")]
+
+
+def record_parameter_sets(extradata: bytes, hevc: bool) -> list[bytes]:
+    """The parameter sets in an avcC / hvcC record (what a camera puts in its SDP)."""
+    units: list[bytes] = []
+    if not hevc:
+        offset, count = 6, extradata[5] & 0x1F
+        for table in range(2):
+            for _ in range(count):
+                size = int.from_bytes(extradata[offset : offset + 2], "big")
+                units.append(extradata[offset + 2 : offset + 2 + size])
+                offset += 2 + size
+            if table == 0:
+                count, offset = extradata[offset], offset + 1
+        return units
+    offset, arrays = 23, extradata[22]
+    for _ in range(arrays):
+        count = int.from_bytes(extradata[offset + 1 : offset + 3], "big")
+        offset += 3
+        for _ in range(count):
+            size = int.from_bytes(extradata[offset : offset + 2], "big")
+            units.append(extradata[offset + 2 : offset + 2 + size])
+            offset += 2 + size
+    return units
+
+
 def remux_file(path: Path) -> Collect:
+    """A file's packets as a camera sends them (RTP, video at 90 kHz, AAC at 48 kHz), through the
+    depacketisers into the remuxer, as the relay reads a camera."""
     sink = Collect()
-    remux(str(path), sink, threading.Event(), 7, open_timeout_s=5, read_timeout_s=5)
+    with av.open(str(path)) as source:
+        video = source.streams.video[0]
+        audio = next(iter(source.streams.audio), None)
+        hevc = video.codec_context.name == "hevc"
+        extradata = bytes(video.codec_context.extradata or b"")
+        record = extradata[:1] == b"\x01"
+        audio_setup = None
+        if audio is not None:
+            asc = bytes(audio.codec_context.extradata or b"")
+            audio_setup = AudioSetup(48000, asc, audio.codec_context.channels)
+        remuxer = Remuxer("hevc" if hevc else "h264", 90000, audio_setup, sink, 7)
+        sets = record_parameter_sets(extradata, hevc) if record else []
+        depacketizer = (H265Depacketizer if hevc else H264Depacketizer)(remuxer.on_video, sets)
+        remuxer.parameter_sets = depacketizer.parameter_sets
+        aac = AacDepacketizer(remuxer.on_audio)
+        for depacketizer_of_stream in (depacketizer, aac):
+            depacketizer_of_stream.set_reference(0)  # as RTP-Info does: both clocks at one instant
+        video_rtp, audio_rtp = Packetizer(), Packetizer(payload_type=97, sequence=9000)
+        for packet in source.demux():
+            if not packet.size or packet.pts is None:
+                continue
+            data = bytes(packet)
+            seconds = packet.pts * packet.time_base
+            if packet.stream is video:
+                units = fmp4_units(data) if record else split_annexb(data)
+                for rtp in video_rtp.video(units, int(seconds * 90000), hevc=hevc):
+                    depacketizer.push(rtp)
+            elif audio is not None and packet.stream is audio:
+                timestamp = round(seconds * 48000 / 1024) * 1024
+                aac.push(audio_rtp.aac([data], timestamp))
+        remuxer.flush()
     return sink
+
+
+def fmp4_units(data: bytes) -> list[bytes]:
+    units, offset = [], 0
+    while offset + 4 <= len(data):
+        size = int.from_bytes(data[offset : offset + 4], "big")
+        units.append(data[offset + 4 : offset + 4 + size])
+        offset += 4 + size
+    return units
 
 
 @pytest.fixture(scope="module")
@@ -194,16 +274,30 @@ def test_h265_is_tagged_hvc1_with_its_rfc6381_string(clips: dict[str, Path]) -> 
     assert [i for i, f in enumerate(sink.fragments) if f.keyframe][:2] == [0, 3]
 
 
-def test_a_stream_without_playable_video_is_refused_with_a_reason(tmp_path: Path) -> None:
-    path = tmp_path / "mjpeg.mkv"
-    with av.open(str(path), "w", format="matroska") as out:
-        stream = out.add_stream("mjpeg", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
-        out.mux(stream.encode(grey_frame(64, 48, 0, "yuvj420p")))
-        out.mux(stream.encode(None))
+def test_a_stream_without_playable_video_is_refused_with_a_reason() -> None:
+    mjpeg = parse_sdp("v=0\r\nm=video 0 RTP/AVP 26\r\na=rtpmap:26 JPEG/90000\r\n")
+    with pytest.raises(CameraStreamError, match=r"JPEG video; browsers play H\.264 or H\.265"):
+        pick_video(mjpeg)
+    audio_only = parse_sdp("v=0\r\nm=audio 0 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
+    with pytest.raises(CameraStreamError, match="no video"):
+        pick_video(audio_only)
+    assert pick_audio(audio_only) is None  # G.711 is not passed on; AAC is
 
-    with pytest.raises(CameraStreamError, match=r"mjpeg video; browsers play H\.264 or H\.265"):
-        remux_file(path)
+
+def test_video_whose_timestamp_goes_back_is_dropped_and_needs_parameter_sets() -> None:
+    sink = Collect()
+    remuxer = Remuxer("h264", 90000, None, sink, 1)
+    with pytest.raises(CameraStreamError, match="no SPS/PPS"):
+        remuxer.on_video(VideoAccessUnit([b"\x65\x88"], 0, True))
+    remuxer.parameter_sets = {7: CAMERA_SPS, 8: b"\x68\xce\x3c\x80"}
+    for timestamp, keyframe in ((0, True), (6000, False), (3000, False), (12000, False)):
+        remuxer.on_video(VideoAccessUnit([b"\x65" if keyframe else b"\x41"], timestamp, keyframe))
+    remuxer.flush()
+    video = sink.inits[0].info.video
+    assert video is not None and (video.width, video.height) == (640, 360)
+    data = sink.inits[0].data + b"".join(f.data for f in sink.fragments)
+    with av.open(io.BytesIO(data), "r", format="mp4") as container:
+        assert [p.dts for p in container.demux() if p.size] == [0, 6000, 12000]
 
 
 def test_snapshot_decodes_a_keyframe_alone(clips: dict[str, Path]) -> None:
@@ -257,11 +351,11 @@ def test_annexb_video_gets_its_configuration_record_from_the_parameter_sets(
     assert h265_video is not None and h265_video.codec.startswith("hvc1.1.6.L")
 
 
-def test_split_annexb_handles_three_and_four_byte_start_codes() -> None:
-    stream = b"\x00\x00\x00\x01\x67\x42\x00\x00\x01\x68\xce\x00\x00\x00\x01\x65\x88\x00"
-
-    assert fmp4.split_annexb(stream) == [b"\x67\x42", b"\x68\xce", b"\x65\x88"]
-    assert fmp4.length_prefixed([b"\x65\x88"]) == b"\x00\x00\x00\x02\x65\x88"
+def test_length_prefixed_samples() -> None:
+    assert (
+        fmp4.length_prefixed([b"\x65\x88", b"\x06"])
+        == b"\x00\x00\x00\x02\x65\x88\x00\x00\x00\x01\x06"
+    )
 
 
 def test_fragmenter_cuts_at_keyframes_and_every_tenth_of_a_second() -> None:
@@ -297,23 +391,6 @@ def test_aac_codec_string_reads_the_audio_object_type() -> None:
     he_aac = bytes(4) + bytes([0x03, 0x19, 0, 1, 0, 0x04, 0x11, 0x40]) + bytes(12)
     he_aac += bytes([0x05, 0x02, 0x2B, 0x92])  # object type 5 (SBR)
     assert aac_codec_string(he_aac) == "mp4a.40.5"
-
-
-@pytest.mark.parametrize(
-    ("dts", "pts", "last", "expected"),
-    [
-        (None, None, None, 0),  # the keyframe right after PLAY: first packet, no timestamps
-        (None, 6000, 0, 6000),  # PTS only: used as DTS
-        (12000, 12000, 6000, 12000),
-        (6000, 6000, 6000, None),  # not increasing: dropped
-        (None, None, 6000, None),  # no timestamp later on: dropped
-        (3000, 9000, 6000, None),  # going backwards: dropped
-    ],
-)
-def test_usable_dts(
-    dts: int | None, pts: int | None, last: int | None, expected: int | None
-) -> None:
-    assert usable_dts(dts, pts, last) == expected
 
 
 def init_segment(generation: int = 1) -> InitSegment:
@@ -413,24 +490,3 @@ def test_a_new_generation_restarts_the_viewer_from_its_init() -> None:
     assert queue.offer(frag(True, generation=1), 0) is Offer.SKIPPED  # a late old fragment
     queue.offer(new := frag(True, generation=2), 0)
     assert drain(queue) == ["A2", b"INIT", new.data]
-
-
-def test_a_camera_that_never_answers_fails_within_the_timeout() -> None:
-    import socket
-    import time
-
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        port = server.getsockname()[1]
-        started = time.monotonic()
-        with pytest.raises(av.error.FFmpegError):
-            remux(
-                f"rtsp://127.0.0.1:{port}/silent",
-                Collect(),
-                threading.Event(),
-                1,
-                open_timeout_s=1.0,
-                read_timeout_s=1.0,
-            )
-        assert time.monotonic() - started < 5.0

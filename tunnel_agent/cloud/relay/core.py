@@ -497,7 +497,7 @@ class Relay:
         """A loopback port whose first connection gets a new tunnel to ``entry``'s camera.
 
         For relay code that reads the camera itself (the browser view opens one per watched
-        session and points PyAV at ``rtsp://<host>:<port>/<path>``). The port accepts one
+        session and reads ``rtsp://<host>:<port>/<path>`` from it). The port accepts one
         connection from this machine, then closes; it closes unused after ``wait_s``. The tunnel
         counts against the tunnel limits, not against any consumer's source limits.
         """

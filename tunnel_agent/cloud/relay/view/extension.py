@@ -5,9 +5,9 @@ session answer, the relay's session check for every viewer, and the relay's tunn
   count of failures) as for any consumer; so are its source and the session's expiry.
 - The camera is reached through ``relay.open_local_port``: a loopback port whose one connection
   the relay turns into a tunnel (``tunnelOpen`` to the device, counted against the tunnel limits).
-  PyAV opens ``rtsp://127.0.0.1:<port><rtspPath>`` on it with interleaved TCP.
+  The view reads ``rtsp://127.0.0.1:<port><rtspPath>`` from it with interleaved TCP.
 - When the tunnel fails, the relay knows why (device offline, refused, never connected): that
-  reason, not PyAV's "connection reset", is what viewers read.
+  reason, not "the camera closed the connection", is what viewers read.
 - A watched session that ends (expired, revoked) is noticed within a second: its viewers are told
   and the watch closes; its camera fields are forgotten.
 """

@@ -6,7 +6,7 @@ table of sample durations, sizes, flags and composition offsets. Writing those h
 ``struct.pack`` calls per fragment and one copy of the payload, where FFmpeg's muxer through PyAV
 costs a ``mux`` call per packet and a Python file object's writes per fragment.
 
-Pure code, no I/O and no PyAV: ``remux.py`` feeds it what the demuxer reads.
+Pure code, no I/O and no PyAV: ``remux.py`` feeds it the access units the RTP depacketisers give.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import itertools
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
+
+from tunnel_agent.rtsp import codec_info
 
 MOVIE_TIMESCALE = 1000
 LANGUAGE_UNDETERMINED = 0x55C4  # "und", packed ISO 639-2/T
@@ -53,48 +54,9 @@ def full_box(kind: bytes, version: int, flags: int, *parts: bytes) -> bytes:
 # -- NAL units ----------------------------------------------------------------------------------
 
 
-def split_annexb(data: bytes) -> list[bytes]:
-    """The NAL units of an Annex B byte stream (start codes and trailing zeros dropped)."""
-    units: list[bytes] = []
-    start = data.find(b"\x00\x00\x01")
-    while start >= 0:
-        start += 3
-        end = data.find(b"\x00\x00\x01", start)
-        unit = data[start:] if end < 0 else data[start:end]
-        unit = unit.rstrip(b"\x00")
-        if unit:
-            units.append(unit)
-        start = end
-    return units
-
-
-def split_length_prefixed(data: bytes, length_bytes: int) -> list[bytes]:
-    units: list[bytes] = []
-    offset = 0
-    while offset + length_bytes <= len(data):
-        size = int.from_bytes(data[offset : offset + length_bytes], "big")
-        offset += length_bytes
-        units.append(data[offset : offset + size])
-        offset += size
-    return units
-
-
 def length_prefixed(units: Iterable[bytes]) -> bytes:
     """NAL units as MP4 samples carry them: each after its size in ``NAL_LENGTH_BYTES``."""
     return b"".join(struct.pack(">I", len(unit)) + unit for unit in units)
-
-
-def unescape_rbsp(unit: bytes) -> bytes:
-    """A NAL unit's payload without emulation-prevention bytes (``00 00 03`` -> ``00 00``)."""
-    return unit.replace(b"\x00\x00\x03", b"\x00\x00")
-
-
-def h264_type(unit: bytes) -> int:
-    return unit[0] & 0x1F
-
-
-def hevc_type(unit: bytes) -> int:
-    return (unit[0] >> 1) & 0x3F
 
 
 # -- sample entries -----------------------------------------------------------------------------
@@ -122,7 +84,7 @@ def hvcc(
     """
     if not vps or not sps or not pps:
         raise UnusableStream("the camera's H.265 stream carries no VPS/SPS/PPS")
-    rbsp = unescape_rbsp(sps[0])
+    rbsp = codec_info.rbsp(sps[0], 0)
     if len(rbsp) < 15:
         raise UnusableStream("the camera's H.265 SPS is too short")
     sub_layers = ((rbsp[2] >> 1) & 0x07) + 1
@@ -357,8 +319,3 @@ class Fragmenter:
         for run in self._runs.values():
             run.samples = []
         return data, keyframe
-
-
-def ticks(value: int, time_base: Fraction, timescale: int) -> int:
-    """``value`` in ``time_base`` units expressed in ``timescale`` units (rounded down)."""
-    return value * time_base.numerator * timescale // time_base.denominator

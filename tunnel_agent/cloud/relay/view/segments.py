@@ -1,6 +1,6 @@
 """What the remuxer hands the fan-out (an init segment per camera connection, then fragments), and
 the errors of the remuxer and the snapshot decoder. No PyAV here: the relay loads it only when a
-session is first watched."""
+snapshot is first asked for."""
 
 from __future__ import annotations
 

@@ -2,12 +2,12 @@
 
 The first viewer starts it: the watch asks for a way to the camera (``OpenCamera``: the relay
 gives a loopback port whose one connection becomes a tunnel), the remuxer reads the camera through
-it, and every fragment goes into each viewer's bounded queue, from which that viewer's own sender
-writes to its WebSocket. The camera connection is restarted with backoff when it ends (a camera
-restart, a dropped tunnel, an offline device), each time as a new *generation* with its own init
-segment. When the last viewer leaves, the tunnel stays up ``grace_s`` in case someone comes back.
-Once a second the watch asks whether its session still exists; when it has ended, viewers are told
-why and the watch closes.
+it on this event loop (``remux``), and every fragment goes into each viewer's bounded queue, from
+which that viewer's own sender writes to its WebSocket. The camera connection is restarted with
+backoff when it ends (a camera restart, a dropped tunnel, an offline device), each time as a new
+*generation* with its own init segment. When the last viewer leaves, the tunnel stays up
+``grace_s`` in case someone comes back. Once a second the watch asks whether its session still
+exists; when it has ended, viewers are told why and the watch closes.
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import quote
+from urllib.parse import urlsplit
 
 from tunnel_agent.cloud.relay.view.fanout import GopCache, Offer, ViewerQueue
 from tunnel_agent.cloud.relay.view.segments import (
@@ -32,10 +31,10 @@ from tunnel_agent.cloud.relay.view.segments import (
 )
 from tunnel_agent.logs import EventLogger, redact_text
 from tunnel_agent.media.backoff import Backoff
+from tunnel_agent.rtsp.errors import RtspConnectionLost, RtspError
 
 BITRATE_WINDOW_S = 2.0
 STATUS_EVERY_S = 1.0
-THREAD_JOIN_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ class TunnelUnavailable(Exception):
 
 
 class CameraLink(Protocol):
-    """One way to the camera, for one remuxer run: where PyAV connects, and what went wrong."""
+    """One way to the camera, for one remuxer run: where to connect, and what went wrong."""
 
     @property
     def url_base(self) -> str:
@@ -100,18 +99,6 @@ class Ending:
 SessionEnded = Callable[[], Ending | None]
 
 
-def camera_url(base: str, path: str, username: str | None, password: str | None) -> str:
-    """The RTSP URL PyAV opens: credentials (if any) percent-encoded into the authority."""
-    auth = ""
-    if username:
-        auth = quote(username, safe="")
-        if password:
-            auth += ":" + quote(password, safe="")
-        auth += "@"
-    scheme, _, host = base.partition("://")
-    return f"{scheme}://{auth}{host}{path}"
-
-
 class Viewer:
     """One WebSocket viewer: its queue and the event that wakes its sender."""
 
@@ -131,24 +118,6 @@ class Viewer:
         self.closing = reason
         self.ending = ending
         self.wake.set()
-
-
-class _ThreadSink:
-    """Hands the remuxer's results from its thread to the watch on the event loop."""
-
-    def __init__(self, watch: Watch, loop: asyncio.AbstractEventLoop, generation: int) -> None:
-        self._watch = watch
-        self._loop = loop
-        self._generation = generation
-
-    def on_init(self, init: InitSegment) -> None:
-        self._loop.call_soon_threadsafe(self._watch.on_init, init)
-
-    def on_fragment(self, fragment: Fragment) -> None:
-        self._loop.call_soon_threadsafe(self._watch.on_fragment, fragment)
-
-    def on_keyframe(self, keyframe: Keyframe) -> None:
-        self._loop.call_soon_threadsafe(self._watch.on_keyframe, keyframe)
 
 
 class Watch:
@@ -177,7 +146,6 @@ class Watch:
         self.keyframe_arrived = asyncio.Event()
         self.tunnels_opened = 0
         self._on_closed = on_closed
-        self._stop = threading.Event()
         self._task: asyncio.Task[None] | None = None
         self._status_task: asyncio.Task[None] | None = None
         self._grace: asyncio.TimerHandle | None = None
@@ -200,7 +168,6 @@ class Watch:
         self.closed = True
         if self._grace is not None:
             self._grace.cancel()
-        self._stop.set()
         for viewer in self.viewers.values():
             viewer.tell_to_go(reason, ending)
         if self._link is not None:
@@ -302,7 +269,7 @@ class Watch:
         for viewer in self.viewers.values():
             viewer.push_status(status)
 
-    # -- from the remuxer (on the loop) ---------------------------------------------------------
+    # -- from the remuxer ------------------------------------------------------------------------
 
     def on_init(self, init: InitSegment) -> None:
         if init.generation != self.generation or self.closed:
@@ -344,44 +311,47 @@ class Watch:
     # -- the camera connection ------------------------------------------------------------------
 
     async def _run(self) -> None:
-        from tunnel_agent.cloud.relay.view.remux import remux  # PyAV: loaded on first watch
+        from tunnel_agent.cloud.relay.view.remux import remux
 
         backoff = Backoff(self.limits.retry_initial_s, self.limits.retry_max_s, 30.0)
-        loop = asyncio.get_running_loop()
         target = self.target
-        while not self._stop.is_set():
+        while not self.closed:
             self.generation += 1
             self.init = None
             self.keyframe = None
             self.keyframe_arrived.clear()
             started = time.monotonic()
-            sink = _ThreadSink(self, loop, self.generation)
             try:
                 self._link = link = await self._open_camera()
             except TunnelUnavailable as exc:
                 reason = str(exc)
             else:
                 self.links_opened += 1
-                url = camera_url(link.url_base, target.rtsp_path, target.username, target.password)
+                where = urlsplit(link.url_base)
                 try:
-                    await asyncio.to_thread(
-                        remux,
-                        url,
-                        sink,
-                        self._stop,
+                    await remux(
+                        where.hostname or "127.0.0.1",
+                        where.port or 554,
+                        target.rtsp_path,
+                        self,
                         self.generation,
+                        username=target.username,
+                        password=target.password,
                         open_timeout_s=self.limits.open_timeout_s,
                         read_timeout_s=self.limits.read_timeout_s,
                     )
                     reason = link.failure() or "the camera's stream ended"
                 except CameraStreamError as exc:
                     reason = str(exc)
-                except Exception as exc:
+                except RtspError as exc:
                     reason = link.failure() or _camera_failure(exc, self.init is not None)
+                except Exception as exc:  # a defect: the stream is retried, and the defect logged
+                    self.log.error("view.remux_failed", error=redact_text(repr(exc))[:200])
+                    reason = link.failure() or "the camera's stream could not be read"
                 finally:
                     self._link = None
                     link.close()
-            if self._stop.is_set():
+            if self.closed:
                 return
             backoff.ran_for(time.monotonic() - started)
             delay = backoff.next_delay()
@@ -418,15 +388,8 @@ class Watch:
             self._maybe_start_grace()
 
 
-def _camera_failure(exc: BaseException, had_stream: bool) -> str:
-    """A viewer-facing reason for a failed camera connection (PyAV's text holds the URL)."""
-    if had_stream:
+def _camera_failure(exc: RtspError, had_stream: bool) -> str:
+    """A viewer-facing reason for a failed camera connection."""
+    if had_stream and isinstance(exc, RtspConnectionLost):
         return "the camera's stream was interrupted"
-    name = type(exc).__name__
-    if "Timeout" in name:
-        return "the camera did not answer in time"
-    if "Unauthorized" in name or "Permission" in name or "Forbidden" in name:
-        return "the camera refused the credentials"
-    if "NotFound" in name or "HTTPNotFound" in name:
-        return "the camera has no stream at this path"
-    return "the camera could not be reached through the device"
+    return str(exc)
