@@ -58,9 +58,10 @@ class SnapshotPacer:
       to a whole group of pictures, for an image the keyframe gives a moment later.
     - Otherwise it is the first frame that arrives at or after its due time.
 
-    So the latest a snapshot can be is ``EARLY_FRACTION`` of a period after its due time, or one
-    frame interval when that is longer; it is never of a frame from before its due time other
-    than a keyframe at most ``EARLY_FRACTION`` of a period early.
+    So the latest a snapshot can be is the first frame that arrives after ``EARLY_FRACTION`` of a
+    period past its due time (when an expected keyframe does not come); it is never of a frame
+    from before its due time other than a keyframe at most ``EARLY_FRACTION`` of a period early.
+    Times are arrival times (monotonic seconds) of the frames' packets.
     """
 
     rate_per_s: float
