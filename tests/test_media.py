@@ -624,8 +624,8 @@ async def test_the_tunnel_keeps_working_while_media_tasks_run(
 async def test_a_second_client_resetting_the_camera_clock_does_not_stall_tasks(
     tmp_path: Path,
 ) -> None:
-    """gst-rtsp-server restarts a shared stream's timestamps when a second client joins."""
-    cam = RtspCamera(tmp_path / "cam")
+    """A seekable shared stream restarts its timestamps when a second client PLAYs from 0."""
+    cam = RtspCamera(tmp_path / "cam", extra=["--seek-on-play"])
     clips = tmp_path / "clips"
     streams = [{"name": "c", "task": "clip-to-fs", "path": str(clips), "duration": 2}]
     agent = media_agent(tmp_path / "agent", [{"name": "c", "url": cam.url(), "streams": streams}])

@@ -15,6 +15,9 @@ It can also serve a RECORD mount (``--record-path``) that accepts ANNOUNCE/RECOR
 counts the frames it decodes, for re-streaming tests. It prints ``READY <port>`` once listening,
 ``RECORD <n>`` every second while a publisher is decoded, and stops on SIGTERM or SIGINT.
 
+The live stream is shared by all viewers and does not seek: a PLAY joins it as it is, whatever
+its ``Range`` (``--seek-on-play`` lets a PLAY restart it for everyone, as gst-rtsp-server would).
+
 This file must not import the tunnel_agent package: it runs outside the package's environment.
 """
 
@@ -76,6 +79,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--clock", action="store_true", help="burn the wall clock into the picture")
     parser.add_argument("--record-path", help="also serve a RECORD mount at this path")
     parser.add_argument("--tls-cert", help="PEM certificate + key file: serve RTSPS")
+    parser.add_argument(
+        "--seek-on-play",
+        action="store_true",
+        help="let a PLAY's Range seek the shared stream, restarting every viewer's timestamps",
+    )
     parser.add_argument("--check", action="store_true", help="check the GStreamer plugins and exit")
     return parser.parse_args(argv)
 
@@ -178,8 +186,34 @@ def live_factory(args: argparse.Namespace) -> GstRtspServer.RTSPMediaFactory:
     if args.clock:
         clock = ClockPicture(args.width, args.height, args.fps)
         live.connect("media-configure", lambda _factory, media: clock.attach(media))
+    if not args.seek_on_play:
+        live.connect("media-configure", lambda _factory, media: not_seekable(media))
     live.set_shared(True)
     return live
+
+
+def not_seekable(media: GstRtspServer.RTSPMedia) -> None:
+    """The shared live stream answers "not seekable", as a live camera's stream is.
+
+    FFmpeg (PyAV, ffprobe) PLAYs with ``Range: npt=0.000-``. ``videotestsrc`` says it can seek,
+    so gst-rtsp-server 1.22 turns every such PLAY into a flushing seek of the one pipeline all
+    viewers share: it restarts every other viewer's stream, and when it lands while an earlier
+    PLAY's state change is still completing, the seek's wait returns on that change's ASYNC_DONE
+    with the segment flushed away and ``gst_rtsp_media_get_rates`` aborts the process on
+    ``g_assert (FALSE)`` (``tests/support/rtsp_storm.py --burst`` reproduces it). A media that is
+    not seekable skips the seek: each viewer joins the stream as it is. ``--seek-on-play`` keeps
+    gst-rtsp-server's behaviour, for tests of a source whose timestamps jump back."""
+
+    def answer(_pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
+        query = info.get_query()
+        if query is None or query.type != Gst.QueryType.SEEKING:
+            return Gst.PadProbeReturn.OK
+        query.set_seeking(Gst.Format.TIME, False, 0, -1)
+        return Gst.PadProbeReturn.HANDLED
+
+    for index in range(media.n_streams()):
+        pad = media.get_stream(index).get_srcpad()
+        pad.add_probe(Gst.PadProbeType.QUERY_UPSTREAM, answer)
 
 
 def main(argv: list[str]) -> int:
