@@ -9,6 +9,7 @@ decoders (through PyAV).
 
 from __future__ import annotations
 
+import asyncio
 import io
 from dataclasses import dataclass
 from fractions import Fraction
@@ -19,7 +20,7 @@ import av.container
 import pytest
 
 from tests.support.rtp import Packetizer
-from tunnel_agent.cloud.relay.view import fanout, fmp4
+from tunnel_agent.cloud.relay.view import fanout, fmp4, pipe
 from tunnel_agent.cloud.relay.view.boxes import (
     aac_codec_string,
     describe_init,
@@ -490,3 +491,45 @@ def test_a_new_generation_restarts_the_viewer_from_its_init() -> None:
     assert queue.offer(frag(True, generation=1), 0) is Offer.SKIPPED  # a late old fragment
     queue.offer(new := frag(True, generation=2), 0)
     assert drain(queue) == ["A2", b"INIT", new.data]
+
+
+class Recorder(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.lost = asyncio.Event()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.received.append(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+
+
+async def test_a_pipe_delivers_in_order_holds_writes_while_paused_and_closes_both_sides() -> None:
+    near, client = Recorder(), Recorder()
+    near_transport, client_transport = pipe.join(near, client)
+
+    near_transport.write(b"to client")
+    near_transport.pause_reading()
+    client_transport.write(b"one")
+    client_transport.write(memoryview(b"two"))
+    assert client.received == [b"to client"] and near.received == []
+    near_transport.resume_reading()
+    client_transport.write(b"three")  # after the held ones, not before
+    async with asyncio.timeout(5):
+        while len(near.received) < 3:
+            await asyncio.sleep(0)
+    assert near.received == [b"one", b"two", b"three"]
+
+    client_transport.close()
+    async with asyncio.timeout(5):
+        await near.lost.wait()
+        await client.lost.wait()
+    assert near_transport.is_closing() and client_transport.is_closing()
+    near_transport.write(b"gone")
+    assert client.received == [b"to client"]

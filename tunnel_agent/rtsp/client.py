@@ -89,9 +89,8 @@ class RtspClient(asyncio.Protocol):
     # -- the steps ------------------------------------------------------------------------------
 
     async def connect(self, host: str, port: int) -> None:
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        self._ended = loop.create_future()
+        """Over TCP to ``host:port``."""
+        loop = self.prepare()
         try:
             async with asyncio.timeout(self.request_timeout_s):
                 await loop.create_connection(lambda: self, host, port)
@@ -100,6 +99,14 @@ class RtspClient(asyncio.Protocol):
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise RtspConnectionLost(f"the camera could not be reached ({reason})") from None
+
+    def prepare(self) -> asyncio.AbstractEventLoop:
+        """Ready to be connected: ``connect`` calls it, and so does a caller that joins this
+        protocol to a transport of its own (``connection_made``), such as an in-process tunnel."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._ended = loop.create_future()
+        return loop
 
     async def describe(self) -> SessionDescription:
         options = await self.request("OPTIONS", self.url)

@@ -9,18 +9,17 @@ source, its rate, the tunnel limits, its token): a refused consumer never causes
 WebSocket only with the token and ``TunnelConnectionSource: PnpDevice``, and the pump joins the
 two. A refusal, an error answer or a timeout closes the consumer and says why in one log line.
 
-Relay code that needs a tunnel of its own (the browser view) asks :meth:`Relay.open_local_port`.
+Relay code that needs a tunnel of its own (the browser view) asks :meth:`Relay.open_tunnel`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import picows
@@ -37,11 +36,9 @@ from tunnel_agent.cloud.relay.sessions import (
 )
 from tunnel_agent.cloud.relay.settings import RelayServerSettings, RouteSettings
 from tunnel_agent.cloud.relay.sources import (
-    LOOPBACK_SOURCES,
     ConnectionLimits,
     FailureLimits,
     is_allowed,
-    parse_networks,
 )
 from tunnel_agent.cloud.relay.tokens import TokenBook, bearer_token
 from tunnel_agent.cloud.relay.tokens import Verdict as TunnelVerdict
@@ -57,11 +54,9 @@ from tunnel_agent.tunnel.pump import End, PumpLimits, StreamEnd, WebSocketEnd
 
 HISTORY_SIZE = 100
 PURGE_EVERY_S = 30.0
-LOCAL_PORT_WAIT_S = 30.0
 CLOSE_TIMEOUT_S = 2.0
 _TUNNEL_PATH = re.compile(rb"^/v1/tunnels/([^/]{1,64})$")
 _CONNECT_PATH = re.compile(rb"^/v1/sessions/([^/]{1,64})/connect$")
-_LOOPBACK = parse_networks(LOOPBACK_SOURCES)
 
 
 @dataclass(frozen=True)
@@ -93,28 +88,6 @@ class RelayObserver(Protocol):
     def tunnel_open_result(
         self, hub_status: int, device_status: int | None, seconds: float
     ) -> None: ...
-
-
-@dataclass
-class LocalPort:
-    """A loopback port that leads, once, through a new tunnel to an entry's camera."""
-
-    host: str
-    port: int
-    tunnel: asyncio.Future[RelayTunnel] = field(repr=False)
-    server: asyncio.Server = field(repr=False)
-
-    @property
-    def url_base(self) -> str:
-        return f"rtsp://{self.host}:{self.port}"
-
-    def close(self) -> None:
-        """Stop waiting for the connection (if it has not come) and close its tunnel (if it has)."""
-        self.server.close()
-        if self.tunnel.done() and not self.tunnel.cancelled():
-            self.tunnel.result().close("closed by the relay")
-        else:
-            self.tunnel.cancel()
 
 
 class Relay:
@@ -493,40 +466,19 @@ class Relay:
 
     # -- tunnels for relay code ---------------------------------------------------------------
 
-    async def open_local_port(self, entry: Entry, wait_s: float = LOCAL_PORT_WAIT_S) -> LocalPort:
-        """A loopback port whose first connection gets a new tunnel to ``entry``'s camera.
+    def open_tunnel(self, entry: Entry, near: StreamEnd) -> RelayTunnel:
+        """A new tunnel to ``entry``'s camera whose near end is ``near``, joined in this process.
 
-        For relay code that reads the camera itself (the browser view opens one per watched
-        session and reads ``rtsp://<host>:<port>/<path>`` from it). The port accepts one
-        connection from this machine, then closes; it closes unused after ``wait_s``. The tunnel
-        counts against the tunnel limits, not against any consumer's source limits.
+        For relay code that reads the camera itself (the browser view joins its RTSP client to
+        ``near`` in memory, one tunnel per watched session). The tunnel counts against the tunnel
+        limits, not against any consumer's source limits; ``ConnectionRefusedError`` says which
+        limit is full.
         """
-        loop = asyncio.get_running_loop()
-        tunnel: asyncio.Future[RelayTunnel] = loop.create_future()
-        server_box: list[asyncio.Server] = []
-
-        def accepted(end: StreamEnd) -> None:
-            transport = end.transport
-            assert transport is not None
-            peer = transport.get_extra_info("peername")
-            source = str(peer[0]) if peer else ""
-            server_box[0].close()
-            trouble = self._capacity(entry)
-            if tunnel.done() or not is_allowed(source, _LOOPBACK) or trouble is not None:
-                if trouble is not None:
-                    self.refusals.refused(trouble, source, **{entry.kind: entry.id})
-                transport.close()
-                if not tunnel.done():
-                    tunnel.set_exception(ConnectionRefusedError(trouble or "refused"))
-                return
-            tunnel.set_result(self._start_tunnel(entry, end, source, counted=False))
-
-        server = await loop.create_server(lambda: StreamEnd("consumer", accepted), "127.0.0.1", 0)
-        server_box.append(server)
-        timer = loop.call_later(wait_s, server.close)
-        tunnel.add_done_callback(lambda _: timer.cancel())
-        tunnel.add_done_callback(_consume_exception)
-        return LocalPort("127.0.0.1", _bound_port(server), tunnel, server)
+        trouble = self._capacity(entry)
+        if trouble is not None:
+            self.refusals.refused(trouble, "relay", **{entry.kind: entry.id})
+            raise ConnectionRefusedError(trouble)
+        return self._start_tunnel(entry, near, "relay", counted=False)
 
     # -- figures --------------------------------------------------------------------------------
 
@@ -543,11 +495,6 @@ def refusal(status: int, reason: str) -> picows.WSUpgradeResponseWithListener:
 
 def _bound_port(server: asyncio.Server) -> int:
     return int(server.sockets[0].getsockname()[1])
-
-
-def _consume_exception(future: asyncio.Future[RelayTunnel]) -> None:
-    with contextlib.suppress(asyncio.CancelledError):
-        future.exception()
 
 
 def _ms(started: float) -> float:

@@ -2,7 +2,7 @@
 
 An extension is built once per relay (it may keep the :class:`~tunnel_agent.cloud.relay.core.Relay`
 to check session tokens with ``relay.check_session`` and to open tunnels with
-``relay.open_local_port``), adds its aiohttp routes to the relay's application, may add fields to
+``relay.open_tunnel``), adds its aiohttp routes to the relay's application, may add fields to
 every session answer (``POST/GET /v1/sessions``), and is closed when the relay stops. The tunnel
 WebSocket paths (``/v1/tunnels/*``, ``/v1/sessions/*/connect``) belong to the pump; every other
 path on the relay's port reaches aiohttp.

@@ -3,9 +3,9 @@ session answer, the relay's session check for every viewer, and the relay's tunn
 
 - A viewer's token is checked by ``relay.check_session``, the same check (and the same per-source
   count of failures) as for any consumer; so are its source and the session's expiry.
-- The camera is reached through ``relay.open_local_port``: a loopback port whose one connection
-  the relay turns into a tunnel (``tunnelOpen`` to the device, counted against the tunnel limits).
-  The view reads ``rtsp://127.0.0.1:<port><rtspPath>`` from it with interleaved TCP.
+- The camera is reached through ``relay.open_tunnel``: a tunnel (``tunnelOpen`` to the device,
+  counted against the tunnel limits) whose near end is joined in memory (``pipe``) to the view's
+  RTSP client, which reads ``<rtspPath>`` through it with interleaved TCP.
 - When the tunnel fails, the relay knows why (device offline, refused, never connected): that
   reason, not "the camera closed the connection", is what viewers read.
 - A watched session that ends (expired, revoked) is noticed within a second: its viewers are told
@@ -14,12 +14,14 @@ session answer, the relay's session check for every viewer, and the relay's tunn
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from tunnel_agent.cloud.relay.sessions import Session, Verdict
+from tunnel_agent.cloud.relay.view import pipe
 from tunnel_agent.cloud.relay.view.camera_source import CameraSource, parse_camera_source
 from tunnel_agent.cloud.relay.view.watch import (
     CameraLink,
@@ -39,9 +41,11 @@ from tunnel_agent.cloud.relay.view.web import (
     ViewSession,
 )
 from tunnel_agent.logs import SECRETS
+from tunnel_agent.tunnel.pump import StreamEnd
 
 if TYPE_CHECKING:
-    from tunnel_agent.cloud.relay.core import LocalPort, Relay
+    from tunnel_agent.cloud.relay.core import Relay
+    from tunnel_agent.cloud.relay.tunnels import RelayTunnel
 
 REFUSALS = {
     Verdict.UNKNOWN: REFUSED,
@@ -78,27 +82,31 @@ def tunnel_failure(close_reason: str | None, failed: bool, started: bool) -> str
 
 
 class RelayCameraLink:
-    """One ``open_local_port`` port: the way to the camera for one remuxer run."""
+    """One tunnel of the relay: the way to the camera for one remuxer run."""
 
-    def __init__(self, local: LocalPort) -> None:
-        self._local = local
+    def __init__(self, relay: Relay, entry: Session) -> None:
+        self._relay = relay
+        self._entry = entry
+        self._tunnel: RelayTunnel | None = None
 
-    @property
-    def url_base(self) -> str:
-        return self._local.url_base
+    def connect(self, protocol: asyncio.Protocol) -> None:
+        near = StreamEnd("consumer")
+        near_transport, _ = pipe.join(near, protocol)
+        try:
+            self._tunnel = self._relay.open_tunnel(self._entry, near)
+        except ConnectionRefusedError as exc:
+            near_transport.close()
+            raise TunnelUnavailable(f"the relay cannot open another tunnel now ({exc})") from None
 
     def failure(self) -> str | None:
-        future = self._local.tunnel
-        if not future.done() or future.cancelled():
+        tunnel = self._tunnel
+        if tunnel is None:
             return None
-        error = future.exception()
-        if error is not None:
-            return f"the relay cannot open another tunnel now ({error})"
-        tunnel = future.result()
         return tunnel_failure(tunnel.close_reason, tunnel.failed, tunnel.started)
 
     def close(self) -> None:
-        self._local.close()
+        if self._tunnel is not None:
+            self._tunnel.close("closed by the relay")
 
 
 class ViewExtension:
@@ -159,11 +167,7 @@ class ViewExtension:
         async def open_camera() -> CameraLink:
             if session.id not in self.relay.sessions.sessions:
                 raise TunnelUnavailable("the session has ended")
-            try:
-                local = await self.relay.open_local_port(session)
-            except OSError:
-                raise TunnelUnavailable("the relay could not open a port for the tunnel") from None
-            return RelayCameraLink(local)
+            return RelayCameraLink(self.relay, session)
 
         return ViewSession(target, open_camera, lambda: self.ended(session.id))
 

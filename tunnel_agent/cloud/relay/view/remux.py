@@ -16,7 +16,9 @@ audio (when the camera sends it) are copied as they are.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,9 +67,8 @@ class AudioSetup:
 
 
 async def remux(
-    host: str,
-    port: int,
-    path: str,
+    connect: Callable[[asyncio.Protocol], None],
+    url: str,
     sink: RemuxSink,
     generation: int,
     *,
@@ -76,9 +77,11 @@ async def remux(
     open_timeout_s: float,
     read_timeout_s: float,
 ) -> None:
-    """Read the camera until its stream ends or fails, and raise why (``RtspError``)."""
+    """Read the camera at ``url`` until its stream ends or fails, and raise why (``RtspError``).
+
+    ``connect`` joins the RTSP client to the way to the camera (the relay's tunnel)."""
     client = RtspClient(
-        f"rtsp://{_authority(host, port)}{path}",
+        url,
         username=username,
         password=password,
         request_timeout_s=open_timeout_s,
@@ -86,7 +89,8 @@ async def remux(
         user_agent=f"tunnel-agent-relay/{__version__}",
     )
     try:
-        await client.connect(host, port)
+        client.prepare()
+        connect(client)
         description = await client.describe()
         video = pick_video(description)
         audio = pick_audio(description)
@@ -111,10 +115,6 @@ async def remux(
         await client.wait()
     finally:
         await client.close()
-
-
-def _authority(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def pick_video(description: SessionDescription) -> MediaDescription:

@@ -1,13 +1,13 @@
 """One watched session: one tunnel, one remuxer, any number of viewers (up to the limit).
 
 The first viewer starts it: the watch asks for a way to the camera (``OpenCamera``: the relay
-gives a loopback port whose one connection becomes a tunnel), the remuxer reads the camera through
-it on this event loop (``remux``), and every fragment goes into each viewer's bounded queue, from
-which that viewer's own sender writes to its WebSocket. The camera connection is restarted with
-backoff when it ends (a camera restart, a dropped tunnel, an offline device), each time as a new
-*generation* with its own init segment. When the last viewer leaves, the tunnel stays up
-``grace_s`` in case someone comes back. Once a second the watch asks whether its session still
-exists; when it has ended, viewers are told why and the watch closes.
+opens a tunnel whose near end is joined to the RTSP client in memory), the remuxer reads the
+camera through it on this event loop (``remux``), and every fragment goes into each viewer's
+bounded queue, from which that viewer's own sender writes to its WebSocket. The camera connection
+is restarted with backoff when it ends (a camera restart, a dropped tunnel, an offline device),
+each time as a new *generation* with its own init segment. When the last viewer leaves, the
+tunnel stays up ``grace_s`` in case someone comes back. Once a second the watch asks whether its
+session still exists; when it has ended, viewers are told why and the watch closes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 from tunnel_agent.cloud.relay.view.fanout import GopCache, Offer, ViewerQueue
 from tunnel_agent.cloud.relay.view.segments import (
@@ -71,11 +70,11 @@ class TunnelUnavailable(Exception):
 
 
 class CameraLink(Protocol):
-    """One way to the camera, for one remuxer run: where to connect, and what went wrong."""
+    """One way to the camera, for one remuxer run: how to connect, and what went wrong."""
 
-    @property
-    def url_base(self) -> str:
-        """``rtsp://host:port`` of a loopback port that leads to the camera."""
+    def connect(self, protocol: asyncio.Protocol) -> None:
+        """Join ``protocol`` to a new tunnel to the camera; ``TunnelUnavailable`` if none can be
+        opened now."""
 
     def failure(self) -> str | None:
         """Why the tunnel behind the port failed (device offline, refused...), if it did."""
@@ -327,12 +326,13 @@ class Watch:
                 reason = str(exc)
             else:
                 self.links_opened += 1
-                where = urlsplit(link.url_base)
+                # The agent connects to the camera's port on its own host; the camera sees the
+                # request URL only, and this is the one the session describes.
+                url = f"rtsp://127.0.0.1:{target.local_port}{target.rtsp_path}"
                 try:
                     await remux(
-                        where.hostname or "127.0.0.1",
-                        where.port or 554,
-                        target.rtsp_path,
+                        link.connect,
+                        url,
                         self,
                         self.generation,
                         username=target.username,
@@ -341,7 +341,7 @@ class Watch:
                         read_timeout_s=self.limits.read_timeout_s,
                     )
                     reason = link.failure() or "the camera's stream ended"
-                except CameraStreamError as exc:
+                except (CameraStreamError, TunnelUnavailable) as exc:
                     reason = str(exc)
                 except RtspError as exc:
                     reason = link.failure() or _camera_failure(exc, self.init is not None)
