@@ -218,6 +218,44 @@ def test_pacer_takes_frames_a_little_early_as_on_time() -> None:
     assert sum(pacer.due(t) for t in keyframes) == 30
 
 
+def test_a_keyframe_taken_early_restarts_the_schedule_from_itself() -> None:
+    """32 fps, 1/s, keyframes at frame 0, 29 (0.094 s early for the second snapshot), then every
+    64: the snapshots follow the keyframes (each group of pictures costs its keyframe and the
+    frames up to the middle one instead of a few more each), one per second."""
+    keyframes = {0, 29, *range(93, 400, 64)}
+
+    def taken(pacer: SnapshotPacer) -> list[int]:  # as the source asks: early for keyframes only
+        return [
+            n
+            for n in range(400)
+            if pacer.is_due(n / 32, early=n in keyframes)
+            and pacer.due(n / 32, keyframe=n in keyframes)
+        ]
+
+    assert taken(SnapshotPacer(1.0)) == [0, *range(29, 400, 32)]  # 13 in 12.5 s
+    keyframes = {0, *range(64, 400, 64)}  # keyframes on the schedule keep it as it is
+    assert taken(SnapshotPacer(1.0)) == list(range(0, 400, 32))
+
+
+def test_a_snapshot_due_just_before_a_keyframe_waits_for_it_within_the_tolerance() -> None:
+    pacer = SnapshotPacer(1.0)
+    assert pacer.due(0.0, keyframe=True)  # next due at 1.0, tolerance 0.1 s
+    assert pacer.is_due(1.0, early=False)
+    assert pacer.waits_for_keyframe(1.0, next_keyframe_at=1.08)
+    assert pacer.waits_for_keyframe(1.06, next_keyframe_at=1.05)  # a keyframe running late
+    assert not pacer.waits_for_keyframe(1.0, next_keyframe_at=1.12)  # too late for this one
+    assert not pacer.waits_for_keyframe(1.1, next_keyframe_at=1.08)  # the tolerance is over
+    assert not pacer.waits_for_keyframe(1.0, next_keyframe_at=None)  # keyframe rate unknown
+    assert not pacer.waits_for_keyframe(1.0, next_keyframe_at=0.5)  # a stale guess
+    assert not SnapshotPacer(0).waits_for_keyframe(1.0, next_keyframe_at=1.0)
+    rate = KeyframeRate()
+    assert rate.next_at is None
+    rate.keyframe(0.0)
+    rate.keyframe(0.04)  # an irregular first interval is forgotten at the next keyframe
+    rate.keyframe(2.04)
+    assert rate.next_at == pytest.approx(4.04)
+
+
 def test_a_large_step_back_is_a_restart_not_a_drop() -> None:
     validator = TimestampValidator()
     assert validator.is_valid(900_000)

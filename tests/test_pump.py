@@ -16,6 +16,7 @@ from tests.support.waiting import until
 from tests.support.ws_endpoint import Session, TunnelEndpoint, sink_handler
 from tunnel_agent.cloud.devhub.certs import LocalCA
 from tunnel_agent.tunnel.connect import READ_LIMIT_BYTES, BoundedReads
+from tunnel_agent.tunnel.pump import MAX_SEND_FRAME_BYTES
 
 CLOSE_BOUND_S = 2.5
 # The README: a side's write buffer passing 256 KiB stops the other side's reading, so at most
@@ -234,13 +235,17 @@ async def test_keepalive_spares_a_busy_link_whose_pongs_wait_behind_data(
     ca: LocalCA, endpoint: TunnelEndpoint, servers: ThreadLoop, stub: TcpCamera
 ) -> None:
     async def slow_sink(ws: web.WebSocketResponse, session: Session) -> None:
+        unpaced = 0
         async for message in ws:  # pings are only answered when the reader gets to them
             if message.type == WSMsgType.PING:
                 session.pings += 1
                 await ws.pong(message.data)
-            elif isinstance(message.data, bytes):
+            elif isinstance(message.data, bytes):  # 256 KiB per 50 ms, whatever the frames' size
                 session.counters.to_consumer += len(message.data)
-                await asyncio.sleep(0.05)
+                unpaced += len(message.data)
+                if unpaced >= 262144:
+                    unpaced -= 262144
+                    await asyncio.sleep(0.05)
 
     service = service_for(ca, stub.port, ping_interval=1, ping_timeout=1)
     session = await servers.call(endpoint.new_session(handler=slow_sink, autoping=False))
@@ -323,3 +328,33 @@ async def test_the_agent_runs_tls_on_the_socket_and_bounds_each_read(
     assert len(reads.get_buffer(-1)) <= READ_LIMIT_BYTES
     tunnel.close("test over")
     await asyncio.wait_for(asyncio.shield(tunnel.closed), CLOSE_BOUND_S)
+
+
+async def test_a_camera_backlog_leaves_in_frames_of_one_tls_record_at_most(
+    ca: LocalCA, endpoint: TunnelEndpoint, servers: ThreadLoop, stub: TcpCamera
+) -> None:
+    """A camera's backlog (here 128 KiB, read in one go or a few) leaves as frames of one TLS
+    record at most: the cloud's WebSocket reader keeps a buffer the size of the largest frame it
+    ever held."""
+    sizes: list[int] = []
+
+    async def sizes_handler(ws: web.WebSocketResponse, session: Session) -> None:
+        async for message in ws:
+            if isinstance(message.data, bytes):
+                sizes.append(len(message.data))
+                session.counters.to_consumer += len(message.data)
+
+    service = service_for(ca, stub.port)
+    session = await servers.call(endpoint.new_session(handler=sizes_handler))
+    tunnel = await open_via(service, endpoint, session, stub.port)
+    await until(lambda: stub.connections)
+    payload = b"b" * (128 * 1024)
+
+    stub.connections[0].writer.write(payload)
+    stub.connections[0].writer.close()
+
+    await asyncio.wait_for(asyncio.shield(tunnel.closed), EVENT_DEADLINE_S)
+    await servers.call(asyncio.wait_for(session.finished.wait(), EVENT_DEADLINE_S))
+    assert session.counters.to_consumer == len(payload)
+    assert max(sizes) <= MAX_SEND_FRAME_BYTES
+    assert len(sizes) >= len(payload) // MAX_SEND_FRAME_BYTES

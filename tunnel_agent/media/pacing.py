@@ -45,30 +45,60 @@ class SnapshotPacer:
     """Whether a frame captured at ``now`` (seconds) is due, for a rate in snapshots per second.
 
     A rate of 0 means every frame. The schedule advances by whole periods so the long-run rate is
-    exact even when frames arrive irregularly, but it never accumulates a backlog. A frame a little
-    early (``EARLY_FRACTION`` of a period) counts as on time: keyframes one second apart must
-    give one snapshot per second at 1/s, whatever their jitter.
+    exact even when frames arrive irregularly, but it never accumulates a backlog. How far a
+    snapshot may be from its due time (``EARLY_FRACTION`` of a period, 0.1 s at 1/s):
+
+    - A keyframe up to that much early counts as on time (keyframes one second apart must give one
+      snapshot per second at 1/s, whatever their jitter), and the schedule restarts from it: the
+      following snapshots fall on the next keyframes again (a group of pictures that lasts a whole
+      number of periods) instead of a little after each, where every one would cost the decoding
+      of the frames up to it.
+    - A snapshot due on some other frame may wait for a keyframe expected within that much after
+      its due time (see :meth:`waits_for_keyframe`): decoding the frames before a keyframe costs up
+      to a whole group of pictures, for an image the keyframe gives a moment later.
+    - Otherwise it is the first frame that arrives at or after its due time.
+
+    So the latest a snapshot can be is the first frame that arrives after ``EARLY_FRACTION`` of a
+    period past its due time (when an expected keyframe does not come); it is never of a frame
+    from before its due time other than a keyframe at most ``EARLY_FRACTION`` of a period early.
+    Times are arrival times (monotonic seconds) of the frames' packets.
     """
 
     rate_per_s: float
     _next_due: float | None = None
+
+    @property
+    def tolerance_s(self) -> float:
+        return EARLY_FRACTION / self.rate_per_s if self.rate_per_s > 0 else 0.0
 
     def is_due(self, now: float, *, early: bool = True) -> bool:
         """Whether :meth:`due` would take a frame at ``now`` (without taking it); with
         ``early=False`` only once the due moment itself has come."""
         if self.rate_per_s <= 0 or self._next_due is None:
             return True
-        return now >= self._next_due - (EARLY_FRACTION / self.rate_per_s if early else 0.0)
+        return now >= self._next_due - (self.tolerance_s if early else 0.0)
 
-    def due(self, now: float) -> bool:
+    def waits_for_keyframe(self, now: float, next_keyframe_at: float | None) -> bool:
+        """Whether the snapshot due at ``now`` should be taken from the keyframe expected at
+        ``next_keyframe_at`` instead: only while both lie within the tolerance after its due time.
+        """
+        if self.rate_per_s <= 0 or self._next_due is None or next_keyframe_at is None:
+            return False
+        latest = self._next_due + self.tolerance_s
+        # A keyframe expected long before the due time is a stale guess, not one coming now.
+        expected = self._next_due - self.tolerance_s <= next_keyframe_at <= latest
+        return now < latest and expected
+
+    def due(self, now: float, *, keyframe: bool = False) -> bool:
         if self.rate_per_s <= 0:
             return True
         period = 1.0 / self.rate_per_s
         if self._next_due is None or now >= self._next_due + period:
             self._next_due = now + period
             return True
-        if now >= self._next_due - period * EARLY_FRACTION:
-            self._next_due += period
+        if now >= self._next_due - self.tolerance_s:
+            early = keyframe and now < self._next_due
+            self._next_due = (now if early else self._next_due) + period
             return True
         return False
 
@@ -88,6 +118,15 @@ class KeyframeRate:
             return None
         span = self._times[-1] - self._times[0]
         return (len(self._times) - 1) / span if span > 0 else None
+
+    @property
+    def next_at(self) -> float | None:
+        """When the next keyframe is expected: as far after the last one as that was after the one
+        before (a camera's keyframe interval is regular; the mean over the window would carry
+        one irregular interval, at a stream's start, into several guesses)."""
+        if len(self._times) < 2:
+            return None
+        return 2 * self._times[-1] - self._times[-2]
 
 
 def keyframes_suffice(

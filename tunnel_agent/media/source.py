@@ -137,12 +137,20 @@ class SourceBase:
         }
 
     def _deliver(
-        self, frame: av.video.frame.VideoFrame | None, image: bytes | None, image_format: str | None
+        self,
+        frame: av.video.frame.VideoFrame | None,
+        image: bytes | None,
+        image_format: str | None,
+        *,
+        arrived_at: float | None = None,
+        keyframe: bool = False,
     ) -> None:
-        now = time.monotonic()
+        """Hand a frame to the tasks it is due for; ``arrived_at`` (monotonic) is when its packet
+        came, which decides (decoding a group of pictures takes a while)."""
+        now = time.monotonic() if arrived_at is None else arrived_at
         captured = CapturedFrame(datetime.now(UTC), frame, image, image_format)
         for task, pacer in zip(self.frame_tasks, self._pacers, strict=True):
-            if pacer.due(now):
+            if pacer.due(now, keyframe=keyframe):
                 task.on_frame(captured)
 
     def _set_state(self, state: SourceState, reason: str | None = None, **fields: Any) -> None:
@@ -389,10 +397,13 @@ class CameraSource(SourceBase):
         """Decode only what a snapshot needs: up to the packet at which one falls due.
 
         Packets since the last keyframe wait, undecoded; when a snapshot task is due they are
-        decoded in one go and the newest frame is delivered (a little early counts as on time
-        for keyframes only). What remains of a group of pictures
-        when the next keyframe arrives was never needed and is never decoded. When every rate is
-        at most the keyframe rate, only keyframes are decoded.
+        decoded in one go and the newest frame is delivered. What remains of a group of pictures
+        when the next keyframe arrives was never needed and is never decoded. A snapshot falls on
+        a keyframe whenever the pacer's tolerance allows (see ``SnapshotPacer``): a keyframe a
+        little early is on time and restarts the schedule, and a snapshot due just before the
+        next keyframe waits for it, so at 1/s on a camera with a keyframe every 2 s each group
+        costs its keyframe and the frames up to the middle one. When every rate is at most the
+        keyframe rate, only keyframes are decoded.
         """
         context = stream.codec_context
         if packet.is_keyframe:
@@ -408,10 +419,15 @@ class CameraSource(SourceBase):
         elif self.keyframes_only:
             return
         self._undecoded.append(packet)
-        # Early is on time only for a keyframe: a frame just before one would cost the decoding
-        # of the whole group of pictures for a snapshot the keyframe gives a moment later.
-        now, early = time.monotonic(), packet.is_keyframe
-        due = any(pacer.is_due(now, early=early) for pacer in self._pacers)
+        # Early is on time only for a keyframe, and a frame just before one leaves its snapshot to
+        # it: either would cost the decoding of the whole group of pictures for an image the
+        # keyframe gives a moment later.
+        now, keyframe = time.monotonic(), packet.is_keyframe
+        pacers = [pacer for pacer in self._pacers if pacer.is_due(now, early=keyframe)]
+        next_keyframe_at = None if keyframe else self._keyframe_rate.next_at
+        due = bool(pacers) and not all(
+            pacer.waits_for_keyframe(now, next_keyframe_at) for pacer in pacers
+        )
         if not due and len(self._undecoded) < MAX_UNDECODED_PACKETS:
             return
         # Only the newest frame is kept: each one held would keep a picture of FFmpeg's frame pool
@@ -429,7 +445,7 @@ class CameraSource(SourceBase):
             context.flush_buffers()
         self.counters["frames_decoded"] += decoded
         if due and newest is not None:
-            self._deliver(newest, None, None)
+            self._deliver(newest, None, None, arrived_at=now, keyframe=keyframe)
 
     def _stream_file(self, path: str, *, loop: bool) -> None:
         """A media file, in real time; looped so that tasks see a continuous source."""

@@ -37,6 +37,18 @@ from tunnel_agent.logs import EventLogger
 # Per-transport write buffer: enough to keep a fast link busy, small enough to bound memory.
 WRITE_BUFFER_HIGH_BYTES = 256 * 1024
 WRITE_BUFFER_LOW_BYTES = 64 * 1024
+# The largest frame payload a pump sends, bulk aside: with a client's 8-byte header (masked,
+# 16-bit length) a frame is one TLS record. A peer's WebSocket reader keeps a buffer as large as the
+# largest frame it ever held (picows never shrinks it), so a camera's backlog read in one go and
+# sent as one 128 KiB frame would cost the relay that much per tunnel for good.
+MAX_SEND_FRAME_BYTES = 16 * 1024 - 8
+# Bulk: at least this many bytes within BULK_WINDOW_S. Split into records, bulk costs the agent
+# ~10 % more CPU per byte and the relay more, and a bulk tunnel's buffers are large on every hop
+# anyway; so a pump moving bulk sends frames as large as its reads (up to BULK_FRAME_BYTES), and
+# the many camera-rate tunnels (4 Mbit/s is 0.5 MB/s) keep one record per frame.
+BULK_WINDOW_BYTES = 1024 * 1024
+BULK_WINDOW_S = 0.25
+BULK_FRAME_BYTES = 256 * 1024  # asyncio's read size
 _PING_PAYLOAD = b"tunnel-agent"
 _DATA_FRAMES = (WSMsgType.BINARY, WSMsgType.CONTINUATION, WSMsgType.TEXT)
 _MAX_CLOSE_MESSAGE_BYTES = 120  # a CLOSE frame's payload is at most 125 bytes, code included
@@ -166,7 +178,12 @@ class WebSocketEnd(picows.WSListener):
         self.close_received = False
         self._read_paused = False
         self._held: list[bytes] = []
-        self._send: Forward = _drop
+        self._batch: list[bytes] = []
+        self._batch_bytes = 0
+        self._bulk = False
+        self._window_bytes = 0
+        self._window_started = time.monotonic()
+        self._send: Callable[[bytes | memoryview], None] = _drop
 
     # -- picows.WSListener --------------------------------------------------------------------
 
@@ -189,8 +206,20 @@ class WebSocketEnd(picows.WSListener):
         self.heard_at = time.monotonic()
         msg_type = frame.msg_type
         if msg_type in _DATA_FRAMES:
-            self.forward(frame.get_payload_as_bytes())
-        elif msg_type == WSMsgType.CLOSE:
+            payload = frame.get_payload_as_bytes()
+            if len(payload) > MAX_SEND_FRAME_BYTES or (frame.last_in_buffer and not self._batch):
+                if self._batch:
+                    self._forward_batch()
+                self.forward(payload)  # as it came: a bulk frame, or a read's only frame
+                return
+            self._batch.append(payload)
+            self._batch_bytes += len(payload)
+            if frame.last_in_buffer or self._batch_bytes >= BULK_FRAME_BYTES:
+                self._forward_batch()
+            return
+        if self._batch:
+            self._forward_batch()
+        if msg_type == WSMsgType.CLOSE:
             self.close_received = True
             pump = self.pump
             if pump is not None and pump.close_reason is None:
@@ -198,6 +227,12 @@ class WebSocketEnd(picows.WSListener):
                 pump.close(f"{self.name} closed ({code})", WSCloseCode.OK)
             else:
                 transport.disconnect(graceful=True)
+
+    def _forward_batch(self) -> None:
+        """The small frames one read brought go on as one write: one send, not one per frame."""
+        batch, self._batch = self._batch, []
+        self._batch_bytes = 0
+        self.forward(b"".join(batch))
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.gone = True
@@ -225,8 +260,21 @@ class WebSocketEnd(picows.WSListener):
         return self.ws is not None
 
     def write(self, data: bytes) -> None:
-        self._send(data)
-        self.bytes_written += len(data)
+        size = len(data)
+        self.bytes_written += size
+        self._window_bytes += size
+        if self._window_bytes >= BULK_WINDOW_BYTES:
+            now = time.monotonic()
+            self._bulk = now - self._window_started < BULK_WINDOW_S
+            self._window_started = now
+            self._window_bytes = 0
+        if size <= MAX_SEND_FRAME_BYTES or (self._bulk and size <= BULK_FRAME_BYTES):
+            self._send(data)
+            return
+        frame_bytes = BULK_FRAME_BYTES if self._bulk else MAX_SEND_FRAME_BYTES
+        view = memoryview(data)
+        for start in range(0, size, frame_bytes):
+            self._send(view[start : start + frame_bytes])
 
     def _hold(self, data: bytes) -> None:
         """Frames that arrive before the pump starts (with the handshake) wait for it."""
@@ -433,7 +481,7 @@ class Pump:
         self._timer = self._loop.call_later(self._tick_interval(), self._tick)
 
 
-def _drop(data: bytes) -> None:
+def _drop(data: bytes | memoryview) -> None:
     """Where bytes go when they have nowhere to go (before the start, after the close)."""
 
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import aiofastnet
 import picows
@@ -31,22 +32,26 @@ from picows.picows import WSProtocol  # type: ignore[attr-defined]
 
 from tunnel_agent.cloud.relay.refusals import RefusalLog
 from tunnel_agent.cloud.relay.sources import source_key
+from tunnel_agent.logs import EventLogger
 
 MAX_HEAD_BYTES = 16 * 1024
 PICOWS_READ_BUFFER_BYTES = 4096  # grows with the frames it must hold; idle tunnels stay small
-# aiofastnet's memory BIOs per TLS connection. Its default (16 records, 257 KiB each way) is
-# touched as far as one read reaches, and picows doubles its read buffer to hold what one read
-# decrypts to: after one burst a tunnel kept ~0.5 MiB for good. Four records (64 KiB) a read or a
-# write still fill a fast link in few system calls, and on aiofastnet's own socket transport (see
-# :func:`serve`) each read is a C call, not a pass through asyncio's Python transport.
-TLS_INCOMING_BIO_BYTES = 4 * (16 * 1024 + 64)
-TLS_OUTGOING_BIO_BYTES = 4 * (16 * 1024 + 64)
+# What one read may hand picows while its buffer is small. picows doubles its read buffer when a
+# read leaves it 90 % full and never shrinks it. A frame from our agents is one TLS record at most
+# (pump.MAX_SEND_FRAME_BYTES) unless the tunnel moves bulk: the part of one still waiting plus a
+# read of this size stay under 90 % of 30 KiB, so a camera-rate tunnel's buffer stops there
+# whatever a burst brings (an unbounded read fills any buffer and doubles it). A buffer already
+# grown past that (bulk frames) gets whole reads: bounding it would only cost reads.
+WEBSOCKET_READ_LIMIT_BYTES = 11 * 1024
+SMALL_READ_BUFFER_BYTES = 30 * 1024
 _TIMEOUT_ANSWER = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 _TOO_LARGE_ANSWER = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
     b"Connection: close\r\nContent-Length: 0\r\n\r\n"
 )
 _PICOWS_LOGGER = logging.getLogger("picows.relay")
+_LOG = EventLogger("tunnel_agent.relay")
+ACCEPT_RETRY_DELAY_S = 1.0
 
 ListenerFactory = Callable[[picows.WSUpgradeRequest], Any]
 
@@ -72,7 +77,7 @@ Router = Callable[[RequestHead, str], WebSocketRoute | None]
 
 
 class ServerWebSocket(WSProtocol):  # type: ignore[misc]
-    """picows's server-side protocol, cut at once when picows finds a protocol error.
+    """picows's server-side protocol, handed bounded reads, cut at once on a protocol error.
 
     picows 2.3 answers a frame over ``max_frame_size`` (or any protocol error) with a CLOSE
     (1009 for size) and disconnects 10 ms later, but reads on meanwhile and even delivers the
@@ -80,6 +85,12 @@ class ServerWebSocket(WSProtocol):  # type: ignore[misc]
     read, the connection is cut before the next one. A listener that wants to know is told
     through ``protocol_error()``.
     """
+
+    def get_buffer(self, size_hint: int) -> memoryview:
+        buffer: memoryview = super().get_buffer(size_hint)
+        if len(buffer) > SMALL_READ_BUFFER_BYTES:
+            return buffer
+        return buffer[:WEBSOCKET_READ_LIMIT_BYTES]
 
     def buffer_updated(self, nbytes: int) -> None:
         super().buffer_updated(nbytes)
@@ -176,58 +187,63 @@ class FrontDoor:
 
 
 class FrontProtocol(asyncio.Protocol):
-    """One connection until its request head is read; then it hands over and is gone."""
+    """One connection until its request head is read; then it hands over and is gone.
+
+    On the plain port it is counted in ``connection_made``; on the TLS port it was counted when
+    :class:`TlsListener` accepted its socket, and ``connection_made`` comes after the handshake.
+    """
 
     def __init__(self, door: FrontDoor) -> None:
         self.door = door
         self.source = ""
-        self._raw: asyncio.Transport | None = None
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._counted = False
         self._timer: asyncio.TimerHandle | None = None
         self._tls_task: asyncio.Task[None] | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        raw = cast(asyncio.Transport, transport)
-        self._raw = raw
-        peer = raw.get_extra_info("peername")
-        self.source = str(peer[0]) if peer else ""
-        refusal = self.door.admit(self.source)
-        if refusal is not None:
-            self.door.refusals.refused(refusal, self.source, listener="relay")
-            # Not from inside connection_made: aiofastnet registers the socket's reader after
-            # this returns, without checking whether the transport is already closed, and that
-            # stale registration would break the next socket given the same descriptor.
-            asyncio.get_running_loop().call_soon(raw.abort)
-            return
+    def admitted(self, source: str) -> None:
+        """Counted in by the door: the TLS handshake and the request head have one deadline."""
+        self.source = source
         self._counted = True
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.door.header_timeout_s, self._too_slow)
-        if self.door.tls is None:
-            self._transport = raw
-        else:
-            self._tls_task = loop.create_task(self._start_tls(raw, self.door.tls))
 
-    async def _start_tls(self, raw: asyncio.Transport, tls: ssl.SSLContext) -> None:
+    def start_tls(self, sock: socket.socket, tls: ssl.SSLContext) -> None:
+        self._tls_task = asyncio.get_running_loop().create_task(self._handshake(sock, tls))
+
+    async def _handshake(self, sock: socket.socket, tls: ssl.SSLContext) -> None:
         try:  # the front door's own timer fires before the handshake timeout
-            upgraded = await aiofastnet.start_tls(
+            await aiofastnet.connect_accepted_socket(
                 asyncio.get_running_loop(),
-                raw,
-                self,
-                tls,
-                server_side=True,
+                lambda: self,
+                sock,
+                ssl=tls,
                 ssl_handshake_timeout=self.door.header_timeout_s + 1,
-                ssl_incoming_bio_size=TLS_INCOMING_BIO_BYTES,
-                ssl_outgoing_bio_size=TLS_OUTGOING_BIO_BYTES,
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
-            raw.abort()
+            self._leave()  # aiofastnet closed the socket (its transport owns it from the start)
+        except asyncio.CancelledError:
             self._leave()
+            raise
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        if self._tls_task is not None:  # the TLS port: admitted at the accept, handshake done
+            if not self._counted:  # the door gave up on it meanwhile (see below for call_soon)
+                asyncio.get_running_loop().call_soon(self._transport.abort)
             return
-        self._transport = upgraded
-        if self._buffer:  # the request came with the end of the handshake, before we got here
-            self._read_head()
+        peer = transport.get_extra_info("peername")
+        source = str(peer[0]) if peer else ""
+        refusal = self.door.admit(source)
+        if refusal is not None:
+            self.door.refusals.refused(refusal, source, listener="relay")
+            # Not from inside connection_made: aiofastnet registers the socket's reader after
+            # this returns, without checking whether the transport is already closed, and that
+            # stale registration would break the next socket given the same descriptor.
+            asyncio.get_running_loop().call_soon(self._transport.abort)
+            return
+        self.admitted(source)
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -276,10 +292,8 @@ class FrontProtocol(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             transport.write(_TIMEOUT_ANSWER)
             transport.close()
-        elif self._raw is not None:
-            self._raw.abort()
         if self._tls_task is not None and not self._tls_task.done():
-            self._tls_task.cancel()
+            self._tls_task.cancel()  # still in the handshake: aiofastnet closes the socket
 
     def _leave(self) -> None:
         if self._timer is not None:
@@ -290,14 +304,120 @@ class FrontProtocol(asyncio.Protocol):
             self.door.leave(self.source)
 
 
-async def serve(door: FrontDoor, host: str, port: int, backlog: int) -> asyncio.Server:
-    """The door's listening socket. A TLS door gets aiofastnet's socket transports: with bounded
-    BIOs a burst takes several reads, each a C call there, not a pass through asyncio's Python
-    transport."""
+class Listener(Protocol):
+    """What the relay keeps of a listening port: its sockets, and a way to stop accepting."""
+
+    @property
+    def sockets(self) -> Sequence[Any]: ...
+
+    def close(self) -> None: ...
+
+
+class TlsListener:
+    """The TLS port's listening sockets, accepted here rather than by a server object.
+
+    Each accepted socket is counted (or refused and closed) before it has a transport, so a
+    refusal spends no TLS memory and leaves nothing registered with the loop. Admitted sockets
+    go to aiofastnet with TLS straight on the socket (OpenSSL's socket BIO, as the agent's side
+    runs): no memory BIOs (64 KiB each way, touched in full by one burst) in front of each tunnel.
+    """
+
+    def __init__(self, door: FrontDoor, sockets: list[socket.socket], backlog: int) -> None:
+        assert door.tls is not None
+        self.door = door
+        self.tls = door.tls
+        self._sockets = sockets
+        self._backlog = backlog
+        self._loop = asyncio.get_running_loop()
+        self._accepting = False
+
+    @property
+    def sockets(self) -> Sequence[socket.socket]:
+        return self._sockets
+
+    def start(self) -> None:
+        self._accepting = True
+        for sock in self._sockets:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def close(self) -> None:
+        self._pause()
+        self._accepting = False
+        for sock in self._sockets:
+            sock.close()
+
+    def _pause(self) -> None:
+        for sock in self._sockets:
+            if sock.fileno() >= 0:
+                self._loop.remove_reader(sock.fileno())
+
+    def _resume(self) -> None:
+        if self._accepting:
+            self.start()
+
+    def _accept(self, listening: socket.socket) -> None:
+        for _ in range(self._backlog):  # as asyncio: at most a backlog's worth per wake-up
+            try:
+                sock, peer = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:  # out of descriptors or buffers: wait a moment, as asyncio
+                _LOG.warning("relay.accept_failed", error=type(exc).__name__, errno=exc.errno)
+                self._pause()
+                self._loop.call_later(ACCEPT_RETRY_DELAY_S, self._resume)
+                return
+            sock.setblocking(False)
+            self._admit(sock, str(peer[0]) if peer else "")
+
+    def _admit(self, sock: socket.socket, source: str) -> None:
+        refusal = self.door.admit(source)
+        if refusal is not None:
+            self.door.refusals.refused(refusal, source, listener="relay")
+            sock.close()  # no transport yet: nothing else holds it
+            return
+        front = FrontProtocol(self.door)
+        front.admitted(source)
+        front.start_tls(sock, self.tls)
+
+
+async def serve(door: FrontDoor, host: str, port: int, backlog: int) -> Listener:
+    """The door's listening port: asyncio's server for plain HTTP, :class:`TlsListener` for TLS."""
     loop = asyncio.get_running_loop()
     if door.tls is None:
         return await loop.create_server(door, host, port, backlog=backlog)
-    return await aiofastnet.create_server(loop, door, host, port, backlog=backlog)
+    door.tls._aiofastnet_force_socket_bio = True  # type: ignore[attr-defined]
+    # aiofastnet's socket-BIO read drops what it read in the same call when it raises, so a peer
+    # that ends TCP without TLS's close_notify would lose its last bytes with the error; its
+    # WebSocket CLOSE frame (or HTTP's framing) says whether it ended on purpose.
+    door.tls.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
+    listener = TlsListener(door, await _listening_sockets(host, port, backlog), backlog)
+    listener.start()
+    return listener
+
+
+async def _listening_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for every address ``host`` names, as asyncio binds."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:

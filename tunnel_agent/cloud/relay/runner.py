@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from tunnel_agent.cloud.relay.api import Probes, build_app, server_tls
 from tunnel_agent.cloud.relay.core import Relay
 from tunnel_agent.cloud.relay.extensions import RelayExtension, build_extensions
-from tunnel_agent.cloud.relay.front import FrontDoor, RequestHead, WebSocketRoute, serve
+from tunnel_agent.cloud.relay.front import FrontDoor, Listener, RequestHead, WebSocketRoute, serve
 from tunnel_agent.cloud.relay.hub_service import HubServiceClient, limit_tls_read_buffer
 from tunnel_agent.cloud.relay.metrics import RelayMetrics
 from tunnel_agent.cloud.relay.settings import RelaySettings
@@ -39,7 +39,7 @@ class RunningRelay:
         *,
         extensions: list[RelayExtension],
         runners: list[web.AppRunner],
-        servers: list[asyncio.Server],
+        servers: list[Listener],
         probe: asyncio.Task[None],
     ) -> None:
         self.relay = relay
@@ -120,7 +120,7 @@ async def start_relay(settings: RelaySettings) -> RunningRelay:
     extensions = build_extensions(relay)
     loop = asyncio.get_running_loop()
     runners: list[web.AppRunner] = []
-    servers: list[asyncio.Server] = []
+    servers: list[Listener] = []
     probe = loop.create_task(_probe_hub(hub, options.hub_probe_interval))
     try:
         for app in (build_app(relay, extensions), _metrics_app(metrics, Probes(relay))):
