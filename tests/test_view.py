@@ -377,9 +377,45 @@ async def test_camera_credentials_reach_the_camera_and_no_log_or_answer(bed: Bed
 def _jpeg_size(bed: Bed, name: str, jpeg: bytes) -> tuple[int, int]:
     path = Path(bed.cloud.folder) / f"snapshot-{name}.jpg"
     path.write_bytes(jpeg)
-    with av.open(str(path)) as image:
+    return _image_size(path)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """Width and height of the image PyAV decodes from ``path``, read by the JPEG decoder."""
+    with av.open(str(path), format="mjpeg") as image:
         frame = next(image.decode(video=0))
     return frame.width, frame.height
+
+
+def test_the_snapshot_button_downloads_a_jpeg_of_the_camera_size(
+    bed: Bed, browser: Browser, blank: None, tmp_path: Path
+) -> None:
+    session = bed.session()
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser.driver.execute_cdp_cmd(
+        "Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}
+    )
+    try:
+        browser.open(session["viewUrl"])
+        browser.wait_playing(1.0)
+        browser.wait_for("return !document.getElementById('snapshot').disabled")
+        browser.run("document.getElementById('snapshot').click()")
+
+        deadline = time.monotonic() + 20.0
+        while not (
+            (files := sorted(downloads.iterdir())) and all(f.suffix == ".jpg" for f in files)
+        ):
+            assert time.monotonic() < deadline, f"no complete download; folder holds {files}"
+            time.sleep(0.1)
+    finally:
+        browser.driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "default"})
+
+    assert len(files) == 1, files
+    (jpeg,) = files
+    assert jpeg.name.startswith(f"snapshot-{session['id']}-")
+    assert jpeg.read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG start-of-image marker
+    assert _image_size(jpeg) == CAMERA_SIZE
 
 
 def test_h265_the_browser_cannot_play_is_explained(bed: Bed, browser: Browser, blank: None) -> None:
