@@ -151,6 +151,20 @@ def blank(browser: Browser, second_browser: Browser) -> Iterator[None]:
         chromium.open("about:blank")
 
 
+@pytest.fixture(autouse=True)
+def _no_watch_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A watch lingers for its grace period after its last viewer, and one still retrying a
+    camera opens tunnels that the next test would count as its own: each test's watches are
+    closed when it ends (after ``blank`` has taken the browsers off their pages)."""
+    yield
+    if "bed" not in request.fixturenames:
+        return
+    bed: Bed = request.getfixturevalue("bed")
+    relay = bed.relay.relay
+    bed.cloud.servers.run(bed.view.service.close())
+    bed.cloud.servers.run(until(lambda: not bed.view.service.watches and not relay.tunnels, 15))
+
+
 def test_the_page_plays_the_camera(bed: Bed, browser: Browser, blank: None, tmp_path: Path) -> None:
     session = bed.session()
     assert session["viewUrl"] == (
