@@ -6,12 +6,12 @@ session is OPTIONS, ANNOUNCE (the SDP), SETUP (``interleaved=0-1;mode=record``),
 alive at half the server's session timeout and ended with TEARDOWN. Media goes in with ``send``,
 one batch of framed RTP packets per call and so one socket write.
 
-Writes are bounded twice. Bytes the kernel will not take wait in the transport's buffer up to
-``max_queued_bytes``; past that the publisher is ``congested`` and a batch offered meanwhile is
-refused (``refused_batches``: the caller drops video until the next keyframe). And a buffer that
-sends nothing for ``write_timeout_s`` ends the session, as does the kernel when data stays
-unacknowledged that long (``TCP_USER_TIMEOUT``): a server that stops reading is lost, not waited
-for.
+Writes are bounded twice. Bytes the kernel will not take (its send buffer is fixed at
+``send_buffer_bytes``) wait in the transport's buffer up to ``max_queued_bytes``; past that the
+publisher is ``congested`` and a batch offered meanwhile is refused (``refused_batches``: the
+caller drops video until the next keyframe). And a buffer that sends nothing for
+``write_timeout_s`` ends the session, as does the kernel when data stays unacknowledged that long
+(``TCP_USER_TIMEOUT``): a server that stops reading is lost, not waited for.
 
 Credentials go only in ``Authorization`` headers after the server asks (Digest when offered); no
 error names them.
@@ -52,12 +52,14 @@ class RtspPublisher(asyncio.Protocol):
         request_timeout_s: float = 10.0,
         write_timeout_s: float = 10.0,
         max_queued_bytes: int = 1 << 20,
+        send_buffer_bytes: int = 256 * 1024,
         user_agent: str = "tunnel-agent",
     ) -> None:
         self.url = url  # without credentials
         self.request_timeout_s = request_timeout_s
         self.write_timeout_s = write_timeout_s
         self.max_queued_bytes = max_queued_bytes
+        self.send_buffer_bytes = send_buffer_bytes
         self.user_agent = user_agent
         self._credentials = Credentials(username, password or "") if username else None
         self._framer = Framer(lambda _channel, _packet: None, self._response)  # RTCP: unused
@@ -110,7 +112,7 @@ class RtspPublisher(asyncio.Protocol):
             raise PublishError(f"the media server could not be reached ({reason})") from None
         assert self._transport is not None
         self._transport.set_write_buffer_limits(self.max_queued_bytes, self.max_queued_bytes // 4)
-        self.write_bounded = self._bound_unacknowledged()
+        self.write_bounded = self._bound_socket()
 
     async def record(self, sdp: str) -> None:
         """OPTIONS, ANNOUNCE ``sdp``, SETUP its one track, RECORD; then keep the session alive."""
@@ -212,20 +214,28 @@ class RtspPublisher(asyncio.Protocol):
             raise PublishError(f"the media server did not answer {method} in time") from None
 
     async def _keep_alive(self) -> None:
+        """Any answer keeps the session (some servers refuse the method and still count it);
+        none in time, or a closed connection, ends it."""
         interval_s = max(self._session_timeout_s / 2, MIN_KEEPALIVE_S)
         method = "GET_PARAMETER" if "GET_PARAMETER" in self._methods else "OPTIONS"
         try:
             while True:
                 await asyncio.sleep(interval_s)
-                await self.request(method, self.url)
+                await self._exchange(method, self.url, {}, b"")
         except PublishError as exc:
             self.abort(str(exc))
 
     # -- bounded writes -------------------------------------------------------------------------
 
-    def _bound_unacknowledged(self) -> bool:
+    def _bound_socket(self) -> bool:
+        """A fixed kernel send buffer (autotuning would let it hold megabytes more than
+        ``max_queued_bytes``) and ``TCP_USER_TIMEOUT``; False if the kernel lacks the latter."""
         sock = self._transport.get_extra_info("socket") if self._transport else None
-        if sock is None or not hasattr(socket, "TCP_USER_TIMEOUT"):
+        if sock is None:
+            return False
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer_bytes)
+        if not hasattr(socket, "TCP_USER_TIMEOUT"):
             return False
         try:
             sock.setsockopt(

@@ -84,6 +84,7 @@ def rtp_time(packet: MediaPacket) -> int:
 
 class StreamToRtsp(PacketTask):
     queue_size = 64  # batches of batch_s (0.1 s): a few seconds of video
+    max_queued_bytes = MAX_QUEUED_BYTES
 
     def __init__(
         self,
@@ -190,7 +191,7 @@ class StreamToRtsp(PacketTask):
                 self.log.warning(
                     "media.restream_behind",
                     server=self.display,
-                    queued_limit_bytes=MAX_QUEUED_BYTES,
+                    queued_limit_bytes=self.max_queued_bytes,
                     action="dropping video until the next keyframe",
                 )
         if self._dropping:
@@ -258,7 +259,7 @@ class StreamToRtsp(PacketTask):
             password=password.get_secret_value() if password else None,
             request_timeout_s=self.open_timeout_s,
             write_timeout_s=self.write_timeout_s,
-            max_queued_bytes=MAX_QUEUED_BYTES,
+            max_queued_bytes=self.max_queued_bytes,
         )
         try:
             await publisher.connect(
