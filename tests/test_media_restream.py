@@ -21,6 +21,7 @@ import pytest
 from tests.conftest import camera_entry
 from tests.support.camera import RtspCamera
 from tests.test_media import media_agent
+from tests.test_rtsp_publisher import read_request
 from tunnel_agent.media.backoff import Backoff
 from tunnel_agent.media.packets import MediaPacket, StreamTemplate
 from tunnel_agent.media.settings import StreamSettings
@@ -121,13 +122,7 @@ class SlowMediaServer:
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while not self.recording.is_set():
-                lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-                method = lines[0].split(" ", 1)[0]
-                headers = {
-                    k.strip().lower(): v.strip()
-                    for k, _, v in (line.partition(":") for line in lines[1:] if line)
-                }
-                await reader.readexactly(int(headers.get("content-length", "0")))
+                method, headers, _ = await read_request(reader)
                 transport = "Transport: RTP/AVP/TCP;unicast;interleaved=0-1;mode=record\r\n"
                 writer.write(
                     f"RTSP/1.0 200 OK\r\nCSeq: {headers['cseq']}\r\nSession: 77\r\n"

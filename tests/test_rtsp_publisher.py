@@ -13,6 +13,20 @@ from tests.support.waiting import until
 from tunnel_agent.rtsp.publisher import PublishError, RtspPublisher
 
 
+async def read_request(
+    reader: asyncio.StreamReader, first: bytes = b""
+) -> tuple[str, dict[str, str], bytes]:
+    """(method, headers by lower-case name, body) of the next RTSP request; ``first`` is a byte
+    of it already read."""
+    lines = (first + await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    headers = {
+        k.strip().lower(): v.strip()
+        for k, _, v in (line.partition(":") for line in lines[1:] if line)
+    }
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return lines[0].split(" ", 1)[0], headers, body
+
+
 class ScriptedServer:
     """Answers every request with ``status`` (SETUP with a 2 s session), keeps what it got."""
 
@@ -39,14 +53,7 @@ class ScriptedServer:
                     await reader.readexactly(int.from_bytes(head[1:3], "big"))
                     self.frames += 1
                     continue
-                head_bytes = first + await reader.readuntil(b"\r\n\r\n")
-                lines = head_bytes.decode("latin-1").split("\r\n")
-                method = lines[0].split(" ", 1)[0]
-                headers = {
-                    k.strip().lower(): v.strip()
-                    for k, _, v in (line.partition(":") for line in lines[1:] if line)
-                }
-                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                method, headers, body = await read_request(reader, first)
                 self.requests.append((method, headers, body))
                 status = self.status
                 if method in ("OPTIONS", "GET_PARAMETER") and "RECORD" in self.methods():
