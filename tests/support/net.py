@@ -14,9 +14,26 @@ _hosts = itertools.count(2)
 
 
 def fresh_loopback_ip() -> str:
-    """A loopback address not used before in this session, for a listener on a fixed port."""
-    n = next(_hosts)
-    return f"127.{_BASE}.{(n // 250) % 250}.{n % 250 + 2}"
+    """A loopback address not used before in this session, for a listener on a fixed port.
+
+    The block is chosen by pid, so another run (or a bench) whose pid falls on the same block
+    can hold the address already: addresses with a socket bound to them are skipped."""
+    while True:
+        n = next(_hosts)
+        host = f"127.{_BASE}.{(n // 250) % 250}.{n % 250 + 2}"
+        if not address_in_use(host):
+            return host
+
+
+def address_in_use(host: str) -> bool:
+    """Whether any TCP or UDP socket of this network namespace is bound to ``host``."""
+    hex_address = socket.inet_aton(host)[::-1].hex().upper()  # as /proc/net prints it
+    for table in ("tcp", "udp"):
+        with open(f"/proc/net/{table}") as rows:
+            next(rows)
+            if any(row.split()[1].startswith(hex_address + ":") for row in rows):
+                return True
+    return False
 
 
 # Every port handed out in this session, never handed out again: a port picked and let go is
