@@ -70,10 +70,24 @@ def missing_prerequisites() -> list[str]:
     return problems
 
 
+LOWEST_PORT = 20000
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A free port below the kernel's ephemeral range. The demo binds its ports seconds after
+    picking them; a port from the ephemeral range can meanwhile become the source port of an
+    outgoing connection (the agent's, or any program's), and the bind then fails."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as numbers:
+        below = int(numbers.read().split()[0])
+    for _ in range(100):
+        port = random.randrange(LOWEST_PORT, below) if below > LOWEST_PORT + 1000 else 0  # noqa: S311
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise DemoError(f"no free port on {host}")
 
 
 def free_hub_host() -> str:
