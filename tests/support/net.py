@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import socket
 import time
 
@@ -40,6 +41,17 @@ def address_in_use(host: str) -> bool:
 # free for the kernel to give out once more, so two picks made one after the other (or one made
 # while an earlier pick is not yet bound by the server it was for) could otherwise be the same.
 _handed_out: set[int] = set()
+_random = random.Random()
+# Ports are picked below the kernel's ephemeral range: a port picked there and bound a moment
+# later can meanwhile become the source port of any outgoing connection on this machine (the
+# suite makes thousands), and the server then fails with "address already in use".
+LOWEST_PORT = 20000
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as numbers:
+        low, high = (int(n) for n in numbers.read().split())
+    return low, high
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -47,15 +59,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct free ports, none handed out before in this session. Each stays bound
-    until all are picked, so the kernel cannot offer the same one twice while picking."""
+    """``count`` distinct free ports below the ephemeral range, none handed out before in this
+    session. Each stays bound until all are picked, so none is picked twice while picking."""
+    below = ephemeral_ports()[0]
+    spread = below - LOWEST_PORT >= 1000  # else an unusual range: the kernel's choice
     sockets: list[socket.socket] = []
     ports: list[int] = []
     try:
         while len(ports) < count:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.bind((host, _random.randrange(LOWEST_PORT, below) if spread else 0))
+            except OSError:  # taken
+                sock.close()
+                continue
             sockets.append(sock)
-            sock.bind((host, 0))
             port = int(sock.getsockname()[1])
             if port not in _handed_out:
                 ports.append(port)
