@@ -52,7 +52,7 @@ MIB = 2**20
 
 
 def _tree(pid: int) -> list[psutil.Process]:
-    """A process and its descendants: the agent's re-stream publishers are its children."""
+    """A process and its descendants: a helper process a task starts counts against its parent."""
     root = psutil.Process(pid)
     return [root, *root.children(recursive=True)]
 

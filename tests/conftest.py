@@ -21,8 +21,12 @@ Tracebacks are never allowed. A test that kills an agent on purpose says so with
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import ssl
+import threading
+import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
@@ -50,6 +54,29 @@ REQUIRED_TOOLS = (
     "socat",
     "gst-launch-1.0",
 )
+
+
+TEARDOWN_AFTER_SIGTERM_S = 60.0
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    threading.Thread(target=_end_after_teardown, args=(signum,), daemon=True).start()
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _end_after_teardown(signum: int) -> None:
+    """If the interrupt was swallowed or the teardown hangs, the run still ends, children first."""
+    time.sleep(TEARDOWN_AFTER_SIGTERM_S)
+    stop_all()
+    os._exit(128 + signum)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (``timeout``, a CI's cancel) ends the run as Ctrl-C does, through every fixture's
+    teardown: child processes stopped, network namespaces removed. Without it Python dies at once
+    and the children, in sessions of their own, live on. A run that has not ended a minute after
+    the signal stops its children and exits."""
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -51,3 +51,12 @@ def test_demo_names_a_missing_prerequisite(
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "tunnel-agent demo: " + INSTALL_HINT
     assert "gir1.2-gst-rtsp-server-1.0" in lines[1]
+
+
+def test_the_demo_picks_its_ports_outside_the_kernels_ephemeral_range() -> None:
+    # Its components bind late; outgoing connections made meanwhile take ephemeral ports.
+    ephemeral = demo.ephemeral_ports()
+    ports = [demo.free_port() for _ in range(50)]
+
+    assert len(set(ports)) == 50
+    assert all(port not in ephemeral and port >= demo.LOWEST_PICKED_PORT for port in ports)

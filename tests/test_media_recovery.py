@@ -22,6 +22,7 @@ from tests.support.mqtt import MediaBroker
 from tests.support.threadloop import ThreadLoop
 from tests.support.waiting import until
 from tests.test_media import FAST, restream_agent
+from tests.test_rtsp_publisher import read_request
 from tunnel_agent.media.backoff import Backoff
 from tunnel_agent.media.mqtt import MqttPublisher, OutgoingMessage
 from tunnel_agent.media.packets import MediaPacket
@@ -60,13 +61,7 @@ class StalledMediaServer:
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-                method = lines[0].split(" ", 1)[0]
-                headers = {
-                    k.strip().lower(): v.strip()
-                    for k, _, v in (line.partition(":") for line in lines[1:] if line)
-                }
-                await reader.readexactly(int(headers.get("content-length", "0")))
+                method, headers, _ = await read_request(reader)
                 transport = (
                     "Transport: RTP/AVP/TCP;unicast;interleaved=0-1\r\n"
                     if method == "SETUP"

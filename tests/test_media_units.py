@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import random
-import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,7 +19,6 @@ from tunnel_agent.media.pacing import (
     keyframes_suffice,
 )
 from tunnel_agent.media.settings import StreamSettings
-from tunnel_agent.media.tcp_deadline import limit_unacknowledged, tcp_sockets_to_port
 from tunnel_agent.media.urls import SourceKind, parse_source, redact_url
 
 CAMERA = {"name": "lobby", "url": "rtsp://10.0.0.5:554/stream1"}
@@ -296,56 +293,3 @@ def test_backoff_grows_is_capped_and_resets_after_a_stable_run() -> None:
     assert backoff.next_delay() >= 4
     backoff.ran_for(61)
     assert backoff.next_delay() <= 1
-
-
-def test_finding_and_bounding_a_servers_socket_leaves_no_descriptor_behind() -> None:
-    """Each re-stream open looks at every descriptor of the process, most of them not sockets."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    client = socket.create_connection(("127.0.0.1", port))
-    reader, writer = os.pipe()  # a descriptor that is not a socket
-    try:
-        opened = len(os.listdir("/proc/self/fd"))
-        for _ in range(5):
-            found = tcp_sockets_to_port(port)
-            assert {fd for fd, _ in found} == {client.fileno()}
-            assert limit_unacknowledged({client.fileno(), reader}, 2.0) == 1
-        assert len(os.listdir("/proc/self/fd")) == opened
-        timeout_ms = client.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
-        assert timeout_ms == 2000
-    finally:
-        for fd in (reader, writer):
-            os.close(fd)
-        client.close()
-        listener.close()
-
-
-def test_the_publisher_wire_carries_open_requests_and_packets_whole() -> None:
-    import io
-    from fractions import Fraction
-
-    from tunnel_agent.media.packets import MediaPacket
-    from tunnel_agent.media.publish_wire import (
-        OPEN,
-        PACKET,
-        OpenRequest,
-        open_frame,
-        packet_frame,
-        parse_open,
-        parse_packet,
-        read_frame,
-    )
-
-    request = OpenRequest("rtsp://u:p@127.0.0.1:8554/x", {"timeout": "5000000"}, 2.5, 8554)
-    keyframe = MediaPacket(b"\0\0\1\x65key", 9100, 9000, Fraction(1, 90000), True, 1, 0.0)
-    no_pts = MediaPacket(b"\0\0\1\x41", None, 12600, Fraction(1, 90000), False, 1, 0.0)
-    wire = io.BytesIO(
-        open_frame(request) + packet_frame(keyframe, 9000) + packet_frame(no_pts, 9000) + b"P\0"
-    )
-    kind, payload = read_frame(wire) or (b"", b"")
-    assert kind == OPEN and parse_open(payload) == request
-    kind, payload = read_frame(wire) or (b"", b"")
-    assert kind == PACKET and parse_packet(payload) == (100, 0, 1, 90000, True, keyframe.data)
-    kind, payload = read_frame(wire) or (b"", b"")
-    assert parse_packet(payload) == (None, 3600, 1, 90000, False, no_pts.data)
-    assert read_frame(wire) is None  # a frame cut short is the end of input

@@ -31,7 +31,12 @@ async def ffprobe(url: str, timeout_s: float = 30.0) -> dict[str, object]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(process.communicate(), timeout_s)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout_s)
+    finally:
+        if process.returncode is None:  # timed out or cancelled: ffprobe must not outlive it
+            process.kill()
+            await process.wait()
     assert process.returncode == 0, err.decode()
     return json.loads(out)  # type: ignore[no-any-return]
 

@@ -31,6 +31,7 @@ import pytest
 
 from tests.support.browser import Browser, available
 from tests.support.camera import RtspCamera
+from tests.support.processes import dying_with_parent, group_members
 from tests.support.relay_bed import (
     AGENT_DEVICE,
     API_KEY,
@@ -534,20 +535,23 @@ def test_demo_keep_running_prints_a_view_link_that_plays(
     browser: Browser, blank: None, tmp_path: Path
 ) -> None:
     demo = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tunnel_agent",
-            "demo",
-            "--seconds",
-            "2",
-            "--keep-running",
-            "--output",
-            str(tmp_path),
-        ],
+        dying_with_parent(
+            [
+                sys.executable,
+                "-m",
+                "tunnel_agent",
+                "demo",
+                "--seconds",
+                "2",
+                "--keep-running",
+                "--output",
+                str(tmp_path),
+            ],
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its camera and agent share its group, to be ended with it
     )
     try:
         assert demo.stdout is not None
@@ -570,6 +574,10 @@ def test_demo_keep_running_prints_a_view_link_that_plays(
         try:
             demo.wait(30)
         except subprocess.TimeoutExpired:
-            demo.kill()
+            os.killpg(demo.pid, signal.SIGKILL)
             demo.wait(10)
+        left = group_members(demo.pid)
+        if left:
+            os.killpg(demo.pid, signal.SIGKILL)
     assert demo.returncode == 0
+    assert not left, f"the demo left {len(left)} process(es) running"

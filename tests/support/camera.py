@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
-from tests.support.net import free_port
 from tests.support.processes import ManagedProcess
 
 CAMERA_SCRIPT = Path(__file__).resolve().parents[2] / "tunnel_agent" / "sim" / "rtsp_camera.py"
 SYSTEM_PYTHON = "/usr/bin/python3"
+READY = re.compile(r"^READY (\d+)$", re.M)
+_launches = itertools.count(1)
 
 
 class RtspCamera:
@@ -26,12 +28,12 @@ class RtspCamera:
         extra: list[str] | None = None,
     ) -> None:
         self.host = host
-        self.port = port or free_port(host)
+        self.port = port or 0  # 0: the camera binds a port of the kernel's choosing and says which
         self.user = user
         self.password = password
         self.path = "/test"
         self.record_path = record_path
-        args = [SYSTEM_PYTHON, str(CAMERA_SCRIPT), "--host", host, "--port", str(self.port)]
+        args = [SYSTEM_PYTHON, str(CAMERA_SCRIPT), "--host", host]
         if user:
             args += ["--user", user, "--auth", auth]
         if record_path:
@@ -44,10 +46,18 @@ class RtspCamera:
         self.process = self._launch()
 
     def _launch(self) -> ManagedProcess:
+        """The camera on ``self.port``; the first start, with port 0, learns its port from the
+        camera's ``READY <port>`` line: a port picked here and bound later by the camera could
+        be taken in between (by any process's outgoing connection, the same port range)."""
         args, folder, env = self._start
         suffix = f"-restart-{self.restarts}" if self.restarts else ""
-        process = ManagedProcess(args, folder / f"camera-{self.port}{suffix}.log", env=env)
-        process.wait_for(lambda out: "READY" in out, timeout_s=20)
+        name = self.port or f"new-{next(_launches)}"
+        process = ManagedProcess(
+            [*args, "--port", str(self.port)], folder / f"camera-{name}{suffix}.log", env=env
+        )
+        ready = READY.search(process.wait_for(lambda out: bool(READY.search(out)), timeout_s=20))
+        assert ready is not None
+        self.port = int(ready.group(1))
         return process
 
     def restart_if_dead(self) -> str | None:

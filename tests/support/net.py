@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import socket
 import time
 
@@ -14,15 +15,43 @@ _hosts = itertools.count(2)
 
 
 def fresh_loopback_ip() -> str:
-    """A loopback address not used before in this session, for a listener on a fixed port."""
-    n = next(_hosts)
-    return f"127.{_BASE}.{(n // 250) % 250}.{n % 250 + 2}"
+    """A loopback address not used before in this session, for a listener on a fixed port.
+
+    The block is chosen by pid, so another run (or a bench) whose pid falls on the same block
+    can hold the address already: addresses with a socket bound to them are skipped."""
+    while True:
+        n = next(_hosts)
+        host = f"127.{_BASE}.{(n // 250) % 250}.{n % 250 + 2}"
+        if not address_in_use(host):
+            return host
+
+
+def address_in_use(host: str) -> bool:
+    """Whether any TCP or UDP socket of this network namespace is bound to ``host``."""
+    hex_address = socket.inet_aton(host)[::-1].hex().upper()  # as /proc/net prints it
+    for table in ("tcp", "udp"):
+        with open(f"/proc/net/{table}") as rows:
+            next(rows)
+            if any(row.split()[1].startswith(hex_address + ":") for row in rows):
+                return True
+    return False
 
 
 # Every port handed out in this session, never handed out again: a port picked and let go is
 # free for the kernel to give out once more, so two picks made one after the other (or one made
 # while an earlier pick is not yet bound by the server it was for) could otherwise be the same.
 _handed_out: set[int] = set()
+_random = random.Random()
+# Ports are picked below the kernel's ephemeral range: a port picked there and bound a moment
+# later can meanwhile become the source port of any outgoing connection on this machine (the
+# suite makes thousands), and the server then fails with "address already in use".
+LOWEST_PORT = 20000
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as numbers:
+        low, high = (int(n) for n in numbers.read().split())
+    return low, high
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -30,15 +59,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct free ports, none handed out before in this session. Each stays bound
-    until all are picked, so the kernel cannot offer the same one twice while picking."""
+    """``count`` distinct free ports below the ephemeral range, none handed out before in this
+    session. Each stays bound until all are picked, so none is picked twice while picking."""
+    below = ephemeral_ports()[0]
+    spread = below - LOWEST_PORT >= 1000  # else an unusual range: the kernel's choice
     sockets: list[socket.socket] = []
     ports: list[int] = []
     try:
         while len(ports) < count:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.bind((host, _random.randrange(LOWEST_PORT, below) if spread else 0))
+            except OSError:  # taken
+                sock.close()
+                continue
             sockets.append(sock)
-            sock.bind((host, 0))
             port = int(sock.getsockname()[1])
             if port not in _handed_out:
                 ports.append(port)

@@ -2,14 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 STARTED: list[ManagedProcess] = []
+
+
+def dying_with_parent(args: Sequence[str]) -> list[str]:
+    """``args`` run so that the kernel SIGKILLs the child when the test process dies.
+
+    This covers a test run killed outright (SIGKILL, the OOM killer), where no fixture or
+    ``finally`` runs. ``setpriv`` (util-linux) sets the signal and execs ``args``, so no Python
+    runs between fork and exec in a process with threads. The kernel ties the signal to the
+    *thread* that forks, so it is set only from the main thread: a child started from a worker
+    thread would die with that thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return list(args)
+    return ["setpriv", "--pdeathsig", "KILL", "--", *args]
+
+
+def group_members(group: int) -> list[int]:
+    """The processes still in process group ``group``."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            members.append(int(entry))
+    return members
 
 
 def stop_all() -> None:
@@ -30,7 +63,7 @@ class ManagedProcess:
         self.log_file = log_file
         self._log = log_file.open("ab")
         self.process = subprocess.Popen(
-            self.args,
+            dying_with_parent(self.args),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -76,16 +109,38 @@ class ManagedProcess:
     def wait(self, timeout_s: float) -> int:
         return self.process.wait(timeout_s)
 
-    def stop(self, timeout_s: float = 10.0) -> int | None:
+    def stop(self, timeout_s: float = 10.0, *, whole_group: bool = False) -> int | None:
+        """SIGTERM (to every process of the group with ``whole_group``), SIGKILL if it lingers."""
+        if self._log.closed:
+            return self.process.returncode
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            if whole_group:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            else:
+                self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(5)
+        self._end_leftovers()
         self._log.close()
         return self.process.returncode
+
+    def _end_leftovers(self, grace_s: float = 2.0) -> None:
+        """Children the process left in its group get ``grace_s`` to follow it (danted's do,
+        once they see their parent gone); any still there are killed, and the run hears of it."""
+        deadline = time.monotonic() + grace_s
+        while leftovers := group_members(self.process.pid):
+            if time.monotonic() > deadline:
+                warnings.warn(
+                    f"{self.args[0]} left {len(leftovers)} process(es) in its group; killed them",
+                    stacklevel=3,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
 
 
 def in_private_mounts(mount: str, argument: Path, command: list[str]) -> list[str]:

@@ -113,4 +113,5 @@ class DanteSocks4:
         )
 
     def stop(self) -> None:
-        self.process.stop()
+        """danted is a group (monitor, negotiate, request and io children): all are told."""
+        self.process.stop(whole_group=True)

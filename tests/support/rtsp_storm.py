@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import random
 import re
+import signal
 import tempfile
 import time
 from collections import Counter
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.camera import RtspCamera
+from tests.support.processes import stop_all
 
 SCRIPTS = ("describe", "setup", "play_unread", "play", "teardown")
 PLAY_RANGE = {"Range": "npt=0-"}  # what FFmpeg (PyAV, ffprobe) sends
@@ -192,7 +194,22 @@ async def storm(
     return tally
 
 
+def stop_on_signal(signum: int, _frame: object) -> None:
+    """SIGTERM (``timeout``, a CI's cancel) ends the run the way Ctrl-C does: through the
+    ``finally`` clauses that stop the cameras, which run in sessions of their own and would
+    otherwise outlive it."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    try:
+        storm_runs()
+    finally:
+        stop_all()
+
+
+def storm_runs() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=20.0)
