@@ -7,6 +7,8 @@ import os
 import socket
 import time
 
+from tunnel_agent.ports import pick_free_ports
+
 # Each test session takes its own block of 127.x.y.z so that two runs on one machine do not
 # fight over port 8883, which the IoT SDK cannot be told to avoid.
 _BASE = 10 + (os.getpid() % 200)
@@ -47,23 +49,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct free ports, none handed out before in this session. Each stays bound
-    until all are picked, so the kernel cannot offer the same one twice while picking."""
-    sockets: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        while len(ports) < count:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.bind((host, 0))
-            port = int(sock.getsockname()[1])
-            if port not in _handed_out:
-                ports.append(port)
-        _handed_out.update(ports)
-        return ports
-    finally:
-        for sock in sockets:
-            sock.close()
+    """``count`` distinct free ports, none handed out before in this session and none in the
+    kernel's ephemeral range (see ``tunnel_agent.ports``)."""
+    ports = pick_free_ports(count, host, avoid=_handed_out)
+    _handed_out.update(ports)
+    return ports
 
 
 def wait_port(host: str, port: int, timeout_s: float = 10.0) -> None:
