@@ -15,9 +15,13 @@ Bulk throughput, ``--rounds`` interleaved rounds of ``--seconds`` after ``--warm
 MB per CPU-second of the relay and of the agent are both taken on the same bytes in the same
 window (psutil user+system of each process). Then 50 paced tunnels of 4 Mbit/s (20 000 B every
 40 ms) through a route: relay and agent % of a core per tunnel, relay RSS per tunnel; then
-``--idle`` open idle tunnels: relay and agent RSS before and with them.
+``--idle`` open idle tunnels: relay and agent RSS before and with them. Each of those is measured
+``--repeats`` times, each time in a fresh relay process (a relay that ran bulk rounds holds freed
+heap that new tunnels reuse, which made the growth per tunnel swing from 21 to 103 KiB), with RSS
+taken at steps and its slope per tunnel printed.
 
     python -m bench.relay [--seconds 8] [--warmup 1] [--rounds 3] [--paced 50] [--idle 1000]
+                          [--paced-seconds 15] [--repeats 3]
 
 ``--rounds 0``, ``--paced 0`` or ``--idle 0`` leave that part out.
 """
@@ -112,6 +116,7 @@ class Bench:
         )
         self.relay_port = free_port()
         self.route_ports = {name: free_port() for name in self.camera_ports}
+        self.max_tunnels = max_tunnels
         self.relay = self._start_relay(max_tunnels)
         self.connect_port = free_port()
         self.connect: Child | None = None
@@ -271,33 +276,45 @@ class Bench:
 
     # -- many tunnels -------------------------------------------------------------------------
 
-    def many(self, route: str, count: int, seconds: float) -> dict[str, float]:
-        """Open ``count`` tunnels through a route; CPU % over ``seconds``, RSS growth.
+    def restart_relay(self) -> None:
+        """A fresh relay process: its heap holds nothing freed by earlier rounds that tunnels could
+        reuse (which would make their growth look smaller than a new relay's)."""
+        self.relay.stop()
+        self.rig.children.remove(self.relay)
+        self.relay = self._start_relay(self.max_tunnels)
 
-        RSS per tunnel is marginal: growth from ``count // 10`` open tunnels (which carry the
-        one-off costs of a first tunnel, such as the hub client's connection) to all of them."""
-        warm = max(1, count // 10)
-        self._consume(self.route_ports[route], warm)
-        self.agent.wait_event("tunnel.opened", count=self.opened, timeout_s=120)
-        time.sleep(1.0)
-        relay_rss, agent_rss = rss_bytes(self.relay.pid), rss_bytes(self.agent.process.pid)
-        self._consume(self.route_ports[route], count - warm)
-        self.agent.wait_event("tunnel.opened", count=self.opened, timeout_s=120)
-        time.sleep(2.0)  # every tunnel past its first bytes
+    def many(self, route: str, count: int, seconds: float, settle_s: float) -> dict[str, Any]:
+        """Open ``count`` tunnels through a route in steps, RSS at each; CPU % over ``seconds``.
+
+        RSS per tunnel is the least-squares slope of the relay's RSS over the steps from a tenth
+        of the tunnels to all of them (the first tunnels carry one-off costs such as the hub
+        client's connections); the growth from no tunnel to all is printed beside it."""
+        steps = rss_steps(count)
+        relay_before, agent_before = rss_bytes(self.relay.pid), rss_bytes(self.agent.process.pid)
+        points: list[tuple[float, float]] = []
+        open_now = 0
+        for step in steps:
+            self._consume(self.route_ports[route], step - open_now)
+            open_now = step
+            self.agent.wait_event("tunnel.opened", count=self.opened, timeout_s=120)
+            time.sleep(settle_s)  # every tunnel past its first bytes
+            points.append((float(step), float(rss_bytes(self.relay.pid))))
         bytes0, relay0, agent0 = self._counts()
         started = time.monotonic()
         time.sleep(seconds)
         bytes1, relay1, agent1 = self._counts()
         elapsed = time.monotonic() - started
-        figures = {
+        relay_rss = rss_bytes(self.relay.pid)
+        figures: dict[str, Any] = {
             "tunnels": float(self.sink.request("stats")["active"]),
             "relay_pct": (relay1 - relay0) / elapsed * 100,
             "agent_pct": (agent1 - agent0) / elapsed * 100,
             "mbit": (bytes1 - bytes0) * 8 / elapsed / 1e6,
-            "added": float(count - warm),
-            "relay_rss": float(rss_bytes(self.relay.pid) - relay_rss),
-            "agent_rss": float(rss_bytes(self.agent.process.pid) - agent_rss),
-            "relay_rss_total": float(rss_bytes(self.relay.pid)),
+            "slope": slope(points),
+            "from_none": (points[-1][1] - relay_before) / count,
+            "steps": points,
+            "agent_rss": float(rss_bytes(self.agent.process.pid) - agent_before) / count,
+            "relay_rss_total": float(relay_rss),
             "hub_connections": float(self._hub_connections()),
         }
         self._close()
@@ -312,6 +329,23 @@ class Bench:
     def _counts(self) -> tuple[int, float, float]:
         got = self.sink.request("stats")["bytes"]
         return got, cpu_seconds(self.relay.pid), cpu_seconds(self.agent.process.pid)
+
+
+def rss_steps(count: int) -> list[int]:
+    """Tunnel counts to sample RSS at: a tenth of ``count``, then five even steps to all of it."""
+    first = max(1, count // 10)
+    return sorted({first, *(round(count * k / 5) for k in range(1, 6))} - {0})
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of y over x (bytes per tunnel)."""
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    if spread == 0:
+        return 0.0
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
 
 
 def wait_listening(port: int, timeout_s: float = 30.0) -> None:
@@ -378,6 +412,7 @@ def main() -> None:
     parser.add_argument("--paced", type=int, default=50)
     parser.add_argument("--paced-seconds", type=float, default=15.0)
     parser.add_argument("--idle", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     print(f"relay, camera -> agent -> relay -> consumer; {environment()}")
     print(f"{args.rounds} rounds x {args.seconds:g} s after {args.warmup:g} s warm-up; medians")
@@ -385,7 +420,9 @@ def main() -> None:
         bench = Bench(rig, max(args.paced, args.idle))
         if args.rounds:
             bulk(bench, args.rounds, args.warmup, args.seconds)
-        report_many(bench, args.paced, args.paced_seconds, args.idle)
+        report_many(
+            bench, args.paced, args.paced_seconds, args.idle, args.repeats, restart=args.rounds > 0
+        )
 
 
 def bulk(bench: Bench, rounds: int, warmup_s: float, seconds: float) -> None:
@@ -410,12 +447,19 @@ def bulk(bench: Bench, rounds: int, warmup_s: float, seconds: float) -> None:
     bench.connect_pid = 0
 
 
-def report_many(bench: Bench, paced: int, seconds: float, idle: int) -> None:
+def report_many(
+    bench: Bench, paced: int, seconds: float, idle: int, repeats: int, restart: bool
+) -> None:
+    """Each repetition in a fresh relay process (``restart``: after bulk rounds, always)."""
     if paced:
-        figures = bench.many("paced", paced, seconds)
-        n = figures["tunnels"]
+        runs = []
+        for repeat in range(repeats):
+            if restart or repeat:
+                bench.restart_relay()
+            runs.append(bench.many("paced", paced, seconds, settle_s=2.0))
+            print_steps(f"paced {repeat + 1}", runs[-1])
         headers = [
-            "4 Mbit/s each",
+            "4 Mbit/s",
             "tunnels",
             "Mbit/s got",
             "relay core%",
@@ -423,42 +467,79 @@ def report_many(bench: Bench, paced: int, seconds: float, idle: int) -> None:
             "relay %/tunnel",
             "agent %/tunnel",
             "relay/agent CPU (<= 1x)",
-            f"relay RSS KiB/tunnel (<= {TARGET_RSS_KIB})",
-            "relay-hub connections",
+            f"relay RSS KiB/tunnel, slope (<= {TARGET_RSS_KIB})",
+            "from none",
+            "relay-hub conns",
         ]
-        row = [
-            "route",
-            n,
-            figures["mbit"],
-            figures["relay_pct"],
-            figures["agent_pct"],
-            figures["relay_pct"] / n,
-            figures["agent_pct"] / n,
-            f"{figures['relay_pct'] / figures['agent_pct']:.2f}x",
-            figures["relay_rss"] / figures["added"] / 1024,
-            figures["hub_connections"],
-        ]
-        print(table(headers, [row]))
+        rows = []
+        for index, f in enumerate(runs, 1):
+            n = f["tunnels"]
+            rows.append(
+                [
+                    f"run {index}",
+                    n,
+                    f["mbit"],
+                    f["relay_pct"],
+                    f["agent_pct"],
+                    f["relay_pct"] / n,
+                    f["agent_pct"] / n,
+                    f"{f['relay_pct'] / f['agent_pct']:.2f}x",
+                    f["slope"] / 1024,
+                    f["from_none"] / 1024,
+                    f["hub_connections"],
+                ]
+            )
+        worst = max(f["slope"] for f in runs) / 1024
+        cpu = median([f["relay_pct"] / f["agent_pct"] for f in runs])
+        print(table(headers, rows))
+        verdict = "met" if worst <= TARGET_RSS_KIB else "MISSED"
+        cpu_verdict = "met" if cpu <= 1.0 else "MISSED"
+        print(
+            f"paced: RSS per tunnel worst {worst:.1f} KiB ({verdict}), median"
+            f" {median([f['slope'] for f in runs]) / 1024:.1f}; relay/agent CPU median"
+            f" {cpu:.2f}x ({cpu_verdict})"
+        )
         print()
     if idle:
-        figures = bench.many("idle", idle, 2.0)
-        n = figures["tunnels"]
+        runs = []
+        for repeat in range(repeats):
+            if restart or paced or repeat:
+                bench.restart_relay()
+            runs.append(bench.many("idle", idle, 2.0, settle_s=1.0))
+            print_steps(f"idle {repeat + 1}", runs[-1])
         headers = [
             "idle",
             "tunnels",
             "relay RSS MiB",
-            f"relay RSS KiB/tunnel (<= {TARGET_RSS_KIB})",
+            f"relay RSS KiB/tunnel, slope (<= {TARGET_RSS_KIB})",
+            "from none",
             "agent RSS KiB/tunnel",
         ]
-        row = [
-            "route",
-            n,
-            figures["relay_rss_total"] / 2**20,
-            figures["relay_rss"] / figures["added"] / 1024,
-            figures["agent_rss"] / figures["added"] / 1024,
+        rows = [
+            [
+                f"run {index}",
+                f["tunnels"],
+                f["relay_rss_total"] / 2**20,
+                f["slope"] / 1024,
+                f["from_none"] / 1024,
+                f["agent_rss"] / 1024,
+            ]
+            for index, f in enumerate(runs, 1)
         ]
-        print(table(headers, [row]))
-    print("RSS per tunnel: growth from a tenth of the tunnels open to all, per tunnel added.")
+        print(table(headers, rows))
+        worst = max(f["slope"] for f in runs) / 1024
+        verdict = "met" if worst <= TARGET_RSS_KIB else "MISSED"
+        print(f"idle: RSS per tunnel worst {worst:.1f} KiB ({verdict})")
+    print(
+        "RSS per tunnel: least-squares slope of the relay's RSS over the steps from a tenth of"
+        " the tunnels to all, each run in a fresh relay process; 'from none': growth from no"
+        " tunnel to all, per tunnel (one-off costs included)."
+    )
+
+
+def print_steps(name: str, figures: dict[str, Any]) -> None:
+    steps = "  ".join(f"{int(n)}: {rss / 2**20:.2f}" for n, rss in figures["steps"])
+    print(f"  {name}: relay RSS MiB at tunnels {steps}", flush=True)
 
 
 if __name__ == "__main__":

@@ -144,6 +144,10 @@ async def run_inside(
         process.kill()
         out, err = await process.communicate()
         return None, out.decode(), err.decode(), time.monotonic() - started
+    finally:
+        if process.returncode is None:  # the test was cancelled: the client must not outlive it
+            process.kill()
+            await process.wait()
     return process.returncode, out.decode(), err.decode(), time.monotonic() - started
 
 

@@ -49,8 +49,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct free ports, none handed out before in this session and none in the
-    kernel's ephemeral range (see ``tunnel_agent.ports``)."""
+    """``count`` distinct free ports outside the kernel's ephemeral range (a port picked there and
+    bound a moment later can meanwhile become the source port of an outgoing connection), none
+    handed out before in this session (see ``tunnel_agent.ports``)."""
     ports = pick_free_ports(count, host, avoid=_handed_out)
     _handed_out.update(ports)
     return ports

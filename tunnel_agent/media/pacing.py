@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Generic, TypeVar
+
+Waiting = TypeVar("Waiting")  # what a snapshot plan holds until it is decoded
 
 
 class TimestampValidator:
@@ -166,3 +169,62 @@ def forward_dts(count: int, last_dts: int | None, first_pts: int | None, step: i
     """DTS for packets of a stream that gives none for a while: on from the last, ``step`` apart."""
     start = (last_dts + max(step, 1)) if last_dts is not None else (first_pts or 0)
     return [start + max(step, 1) * i for i in range(count)]
+
+
+@dataclass
+class DecodeStep(Generic[Waiting]):
+    """Packets to decode now, in order, and the frame tasks the newest decoded frame goes to.
+
+    ``drain`` (keyframes only) asks for the decoder to be emptied after them: a decoder with a
+    reordering delay would hold the keyframe back until the next one."""
+
+    packets: list[Waiting]
+    due: list[int]
+    drain: bool
+
+
+class SnapshotPlan(Generic[Waiting]):
+    """Decode only what a snapshot needs: up to the packet at which one falls due.
+
+    Packets since the last keyframe wait, undecoded; when a snapshot task is due they are decoded
+    in one go and the newest frame is delivered. What remains of a group of pictures when the next
+    keyframe arrives was never needed and is never decoded. A snapshot falls on a keyframe
+    whenever the pacer's tolerance allows (see ``SnapshotPacer``): a keyframe a little early is on
+    time and restarts the schedule, and a snapshot due just before the next keyframe waits for it,
+    so at 1/s on a camera with a keyframe every 2 s each group costs its keyframe and the frames up
+    to the middle one. When every rate is at most the keyframe rate, only keyframes are decoded.
+    Times (``now``) are seconds on one clock: the camera's timestamps, or arrival times.
+    """
+
+    def __init__(self, rates_per_s: list[float], max_waiting: int) -> None:
+        self.rates_per_s = rates_per_s
+        self.max_waiting = max_waiting
+        self.pacers = [SnapshotPacer(rate) for rate in rates_per_s]
+        self.keyframe_rate = KeyframeRate()
+        self.keyframes_only = False
+        self._waiting: list[Waiting] = []
+
+    def add(self, packet: Waiting, *, keyframe: bool, now: float) -> DecodeStep[Waiting] | None:
+        """What to decode once ``packet`` (captured at ``now``) has arrived; None: nothing yet."""
+        if keyframe:
+            self.keyframe_rate.keyframe(now)
+            self.keyframes_only = keyframes_suffice(
+                self.rates_per_s, self.keyframe_rate.per_second, currently=self.keyframes_only
+            )
+            self._waiting.clear()
+        elif self.keyframes_only:
+            return None
+        self._waiting.append(packet)
+        # Early is on time only for a keyframe, and a frame just before one leaves its snapshot to
+        # it: either would cost the decoding of the whole group of pictures for an image the
+        # keyframe gives a moment later.
+        pacers = [pacer for pacer in self.pacers if pacer.is_due(now, early=keyframe)]
+        next_keyframe_at = None if keyframe else self.keyframe_rate.next_at
+        due = bool(pacers) and not all(
+            pacer.waits_for_keyframe(now, next_keyframe_at) for pacer in pacers
+        )
+        if not due and len(self._waiting) < self.max_waiting:
+            return None
+        packets, self._waiting = self._waiting, []
+        tasks = [i for i, p in enumerate(self.pacers) if due and p.due(now, keyframe=keyframe)]
+        return DecodeStep(packets, tasks, self.keyframes_only)

@@ -13,6 +13,8 @@ import av.container
 import av.stream
 import av.video.frame
 
+RAW_FORMATS = {"h264": "h264", "hevc": "hevc"}  # FFmpeg's codec name: its raw bitstream format
+
 
 @dataclass(frozen=True, slots=True)
 class MediaPacket:
@@ -58,6 +60,21 @@ class StreamTemplate:
         self.codec = context.name if context is not None else "unknown"
         self.width = int(getattr(context, "width", 0) or 0)
         self.height = int(getattr(context, "height", 0) or 0)
+
+    @classmethod
+    def from_bitstream(
+        cls, codec: str, keyframe: bytes, time_base: Fraction, generation: int
+    ) -> StreamTemplate:
+        """A template from a camera's own bitstream rather than a demuxed stream (the RTSP reader):
+        ``keyframe`` is an access unit in Annex B with the parameter sets in front. FFmpeg's reader
+        of raw H.264/H.265 takes the codec parameters from it, as its RTSP reader does from the
+        SDP: extradata in Annex B, the picture size. Once per connection, never per packet."""
+        with av.open(io.BytesIO(keyframe), "r", format=RAW_FORMATS[codec]) as probe:
+            if not probe.streams.video:
+                raise ValueError(f"the camera's {codec} stream has no usable keyframe")
+            stream = probe.streams.video[0]
+            stream.time_base = time_base
+            return cls(stream, generation)
 
     def close(self) -> None:
         self._holder.close()

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from tunnel_agent.media.http_source import HttpSnapshotSource
     from tunnel_agent.media.messages import OutgoingMessage
     from tunnel_agent.media.mqtt import MqttPublisher
+    from tunnel_agent.media.rtsp_source import RtspCameraSource
     from tunnel_agent.media.source import CameraSource
     from tunnel_agent.media.tasks.base import MediaTask
 
@@ -76,13 +77,21 @@ class CameraMedia:
                 )
         packet_tasks = [t for t in self.tasks if isinstance(t, PacketTask)]
         frame_tasks = [t for t in self.tasks if isinstance(t, FrameTask)]
-        self.source: CameraSource | HttpSnapshotSource | None = None
+        self.source: CameraSource | RtspCameraSource | HttpSnapshotSource | None = None
         if not self.tasks:
             return
         if self.address.kind is SourceKind.HTTP_SNAPSHOT:
             from tunnel_agent.media.http_source import HttpSnapshotSource  # aiohttp's client
 
             self.source = HttpSnapshotSource(camera.name, self.address, media, frame_tasks)
+        elif self.address.kind is SourceKind.RTSP:
+            # Read on the event loop by our own RTSP client: FFmpeg's reader costs a poll and a
+            # read per RTP packet, in a thread of its own (issue 13's profile, bench/README.md).
+            from tunnel_agent.media.rtsp_source import RtspCameraSource
+
+            self.source = RtspCameraSource(
+                camera.name, self.address, media, packet_tasks, frame_tasks, ca_file=camera.ca_file
+            )
         else:
             self.source = CameraSource(
                 camera.name, self.address, media, packet_tasks, frame_tasks, ca_file=camera.ca_file

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import ssl
 from collections import deque
 from typing import Protocol
 
@@ -63,12 +64,16 @@ class RtspClient(asyncio.Protocol):
         request_timeout_s: float = 10.0,
         read_timeout_s: float = 10.0,
         user_agent: str = "tunnel-agent",
+        read_interval_s: float = 0.0,
     ) -> None:
         self.url = url
         self.base_url = url
         self.request_timeout_s = request_timeout_s
         self.read_timeout_s = read_timeout_s
         self.user_agent = user_agent
+        # Above 0, reading pauses this long after each chunk: the kernel gathers the camera's
+        # packets meanwhile and one read takes them all (a few reads a second, not one a packet).
+        self.read_interval_s = read_interval_s
         self._credentials = Credentials(username, password or "") if username else None
         self._framer = Framer(self._packet, self._response)
         self._transport: asyncio.Transport | None = None
@@ -88,14 +93,19 @@ class RtspClient(asyncio.Protocol):
 
     # -- the steps ------------------------------------------------------------------------------
 
-    async def connect(self, host: str, port: int) -> None:
-        """Over TCP to ``host:port``."""
+    async def connect(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+        """Over TCP to ``host:port``, in TLS with ``tls`` (RTSPS; the name checked is ``host``)."""
         loop = self.prepare()
         try:
             async with asyncio.timeout(self.request_timeout_s):
-                await loop.create_connection(lambda: self, host, port)
+                await loop.create_connection(
+                    lambda: self, host, port, ssl=tls, server_hostname=host if tls else None
+                )
         except TimeoutError:
             raise RtspTimeout("the camera did not answer in time") from None
+        except ssl.SSLError as exc:
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            raise RtspConnectionLost(f"the camera's TLS was refused ({reason})") from None
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise RtspConnectionLost(f"the camera could not be reached ({reason})") from None
@@ -168,6 +178,12 @@ class RtspClient(asyncio.Protocol):
         if transport is not None:
             transport.close()
 
+    def fail(self, error: RtspError) -> None:
+        """End the session now with ``error`` (what ``wait`` raises), e.g. a caller's watchdog."""
+        self._end(error)
+        if self._transport is not None:
+            self._transport.close()
+
     # -- requests -------------------------------------------------------------------------------
 
     async def request(
@@ -235,14 +251,22 @@ class RtspClient(asyncio.Protocol):
         self._transport = transport
 
     def data_received(self, data: bytes) -> None:
-        assert self._loop is not None
+        assert self._loop is not None and self._transport is not None
         self._last_data = self._loop.time()
         try:
             self._framer.feed(data)
         except Exception as exc:  # the framer's, or a receiver's: the session cannot go on
             self._end(exc)
-            assert self._transport is not None
             self._transport.close()
+            return
+        if self.read_interval_s > 0 and not self._transport.is_closing():
+            self._transport.pause_reading()
+            self._loop.call_later(self.read_interval_s, self._resume_reading)
+
+    def _resume_reading(self) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         return None

@@ -1,6 +1,7 @@
-"""What a stream's parameter sets say about it: the picture size, chroma format and bit depth from
-an H.264 or H.265 SPS, the sample rate and channels from an AAC AudioSpecificConfig. Pure code;
-enough of each syntax to reach those fields (H.264 7.3.2.1.1, H.265 7.3.2.2, ISO 14496-3 1.6.2.1).
+"""What a stream's parameter sets say about it: the picture size, chroma format, bit depth and
+reordering depth (B-frames) from an H.264 or H.265 SPS, the sample rate and channels from an AAC
+AudioSpecificConfig. Pure code; enough of each syntax to reach those fields (H.264 7.3.2.1.1 and
+E.1.1, H.265 7.3.2.2, ISO 14496-3 1.6.2.1).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from dataclasses import dataclass
 
 from tunnel_agent.rtsp.errors import RtspProtocolError
 
+H264_BASELINE = 66
+H264_EXTENDED_SAR = 255
 H264_HIGH_PROFILES = frozenset({100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135})
 AAC_SAMPLE_RATES = (
     96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350,
@@ -69,7 +72,27 @@ def rbsp(unit: bytes, header_bytes: int) -> bytes:
 
 
 def h264_picture(sps: bytes) -> Picture:
+    return _h264_sequence(BitReader(rbsp(sps, 1)))[0]
+
+
+def h264_reorder_frames(sps: bytes) -> int | None:
+    """How many frames the decoder may hold back for reordering (B-frames): the SPS's VUI
+    ``max_num_reorder_frames``; 0 for the profiles without B-frames; None when the SPS does not
+    say (an encoder may leave the bitstream restriction out)."""
     reader = BitReader(rbsp(sps, 1))
+    _, profile = _h264_sequence(reader)
+    if profile == H264_BASELINE:
+        return 0
+    try:
+        if not reader.bits(1):  # vui_parameters_present_flag
+            return None
+        return _h264_vui_reorder_frames(reader)
+    except RtspProtocolError:
+        return None  # a VUI cut short says nothing either
+
+
+def _h264_sequence(reader: BitReader) -> tuple[Picture, int]:
+    """The picture and the profile; ``reader`` is left at ``vui_parameters_present_flag``."""
     profile = reader.bits(8)
     reader.skip(16)  # constraint flags, level
     reader.ue()  # seq_parameter_set_id
@@ -111,7 +134,49 @@ def h264_picture(sps: bytes) -> Picture:
         sub_width, sub_height = CHROMA_SUBSAMPLING[array_type] if array_type else (1, 1)
         width -= sub_width * (left + right)
         height -= sub_height * (2 - frame_mbs_only) * (top + bottom)
-    return Picture(width, height, chroma, bit_depth)
+    return Picture(width, height, chroma, bit_depth), profile
+
+
+def _h264_vui_reorder_frames(reader: BitReader) -> int | None:
+    """E.1.1 up to ``max_num_reorder_frames``."""
+    if reader.bits(1) and reader.bits(8) == H264_EXTENDED_SAR:  # aspect_ratio_info, idc
+        reader.skip(32)
+    if reader.bits(1):  # overscan_info_present_flag
+        reader.skip(1)
+    if reader.bits(1):  # video_signal_type_present_flag
+        reader.skip(4)
+        if reader.bits(1):  # colour_description_present_flag
+            reader.skip(24)
+    if reader.bits(1):  # chroma_loc_info_present_flag
+        reader.ue()
+        reader.ue()
+    if reader.bits(1):  # timing_info_present_flag
+        reader.skip(65)
+    nal_hrd = reader.bits(1)
+    if nal_hrd:
+        _skip_hrd(reader)
+    vcl_hrd = reader.bits(1)
+    if vcl_hrd:
+        _skip_hrd(reader)
+    if nal_hrd or vcl_hrd:
+        reader.skip(1)  # low_delay_hrd_flag
+    reader.skip(1)  # pic_struct_present_flag
+    if not reader.bits(1):  # bitstream_restriction_flag
+        return None
+    reader.skip(1)  # motion_vectors_over_pic_boundaries_flag
+    for _ in range(4):  # max bytes per picture, bits per macroblock, motion vector lengths
+        reader.ue()
+    return reader.ue()
+
+
+def _skip_hrd(reader: BitReader) -> None:
+    count = reader.ue() + 1
+    reader.skip(8)  # bit_rate_scale, cpb_size_scale
+    for _ in range(count):
+        reader.ue()
+        reader.ue()
+        reader.skip(1)
+    reader.skip(20)  # four delay and offset lengths
 
 
 def _skip_scaling_list(reader: BitReader, size: int) -> None:
@@ -123,7 +188,27 @@ def _skip_scaling_list(reader: BitReader, size: int) -> None:
 
 
 def h265_picture(sps: bytes) -> Picture:
+    return _h265_sequence(BitReader(rbsp(sps, 2)))[0]
+
+
+def h265_reorder_frames(sps: bytes) -> int:
+    """``sps_max_num_reorder_pics`` of the highest sub-layer: pictures held back for reordering."""
     reader = BitReader(rbsp(sps, 2))
+    _, sub_layers = _h265_sequence(reader)
+    reader.ue()  # bit_depth_chroma_minus8
+    reader.ue()  # log2_max_pic_order_cnt_lsb_minus4
+    every_layer = reader.bits(1)  # sps_sub_layer_ordering_info_present_flag
+    reorder = 0
+    for _ in range(sub_layers + 1 if every_layer else 1):
+        reader.ue()  # sps_max_dec_pic_buffering_minus1
+        reorder = reader.ue()
+        reader.ue()  # sps_max_latency_increase_plus1
+    return reorder
+
+
+def _h265_sequence(reader: BitReader) -> tuple[Picture, int]:
+    """The picture and ``sps_max_sub_layers_minus1``; ``reader`` is left after the luma bit
+    depth."""
     reader.skip(4)  # sps_video_parameter_set_id
     sub_layers = reader.bits(3)  # sps_max_sub_layers_minus1
     reader.skip(1)  # sps_temporal_id_nesting_flag
@@ -145,7 +230,7 @@ def h265_picture(sps: bytes) -> Picture:
         width -= sub_width * (left + right)
         height -= sub_height * (top + bottom)
     bit_depth = 8 + reader.ue()
-    return Picture(width, height, chroma, bit_depth)
+    return Picture(width, height, chroma, bit_depth), sub_layers
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--kbps", type=int, default=1000)
     parser.add_argument("--pattern", default="smpte")
     parser.add_argument("--codec", choices=sorted(ENCODERS), default="h264")
+    parser.add_argument(
+        "--bframes", type=int, default=0, help="H.264 B-frames between references (reordered)"
+    )
     parser.add_argument("--audio", action="store_true", help="add an AAC audio track")
     parser.add_argument("--clock", action="store_true", help="burn the wall clock into the picture")
     parser.add_argument("--record-path", help="also serve a RECORD mount at this path")
@@ -180,6 +183,12 @@ def live_factory(args: argparse.Namespace) -> GstRtspServer.RTSPMediaFactory:
         gop=args.gop,
         kbps=args.kbps,
     )
+    if args.bframes and args.codec == "h264":
+        # zerolatency forbids B-frames, and so does the baseline profile the payloader would
+        # otherwise get: main profile, and x264 reorders as a camera with B-frames does.
+        launch = launch.replace(
+            "tune=zerolatency", f"bframes={args.bframes} b-adapt=false rc-lookahead=0"
+        ).replace(" ! rtph264pay", " ! video/x-h264,profile=main ! rtph264pay")
     if args.audio:
         launch += AUDIO_BRANCH
     live.set_launch(f"( {launch} )")
