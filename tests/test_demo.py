@@ -10,7 +10,7 @@ from pathlib import Path
 import av
 import pytest
 
-from tunnel_agent import demo
+from tunnel_agent import demo, ports
 from tunnel_agent.cloud.devhub.broker import INSTALL_HINT
 
 
@@ -55,8 +55,8 @@ def test_demo_names_a_missing_prerequisite(
 
 def test_the_demo_picks_its_ports_outside_the_kernels_ephemeral_range() -> None:
     # Its components bind late; outgoing connections made meanwhile take ephemeral ports.
-    ephemeral = demo.ephemeral_ports()
-    ports = [demo.free_port() for _ in range(50)]
+    ephemeral = ports.ephemeral_ports()
+    picked = [demo.free_port() for _ in range(50)]
 
-    assert len(set(ports)) == 50
-    assert all(port not in ephemeral and port >= demo.LOWEST_PICKED_PORT for port in ports)
+    assert len(set(picked)) == 50
+    assert all(port not in ephemeral and port >= ports.LOWEST_PICKED_PORT for port in picked)

@@ -43,7 +43,12 @@ RUNTIME_DISTRIBUTIONS = {
     "tenacity",
 }
 # Left out of the wheel and the image: development tools that run from a source checkout.
-DEVELOPMENT_PATHS = ("tunnel_agent/cloud/devhub/", "tunnel_agent/demo.py", "tunnel_agent/sim/")
+DEVELOPMENT_PATHS = (
+    "tunnel_agent/cloud/devhub/",
+    "tunnel_agent/demo.py",
+    "tunnel_agent/ports.py",
+    "tunnel_agent/sim/",
+)
 # Locked packages published without any wheel, built from source: only pure Python allowed.
 SOURCE_ONLY = {"paho-mqtt"}
 UV_HINT = "uv not found: bash scripts/setup-venv.sh test installs it into .venv-tools"

@@ -180,7 +180,12 @@ def _devhub(args: argparse.Namespace) -> int:
     return devhub.run_devhub(state, options, sys.stdout)
 
 
-DEVELOPMENT_MODULES = ("tunnel_agent.cloud.devhub", "tunnel_agent.demo", "tunnel_agent.sim")
+DEVELOPMENT_MODULES = (
+    "tunnel_agent.cloud.devhub",
+    "tunnel_agent.demo",
+    "tunnel_agent.ports",
+    "tunnel_agent.sim",
+)
 
 
 def _development_tool_missing(command: str, exc: ModuleNotFoundError) -> int:

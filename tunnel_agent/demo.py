@@ -33,6 +33,7 @@ from tunnel_agent.cloud.devhub.hub import MQTT_PORT, DevHub
 from tunnel_agent.cloud.relay.runner import RunningRelay, start_relay
 from tunnel_agent.cloud.relay.settings import RelaySettings
 from tunnel_agent.media.encode import encode_image
+from tunnel_agent.ports import pick_free_ports
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 CAMERA_SCRIPT = Path(__file__).parent / "sim" / "rtsp_camera.py"
@@ -70,45 +71,14 @@ def missing_prerequisites() -> list[str]:
     return problems
 
 
-EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
-LOWEST_PICKED_PORT = 10000
 _picked: set[int] = set()
 
 
-def ephemeral_ports() -> range:
-    """The ports the kernel gives outgoing connections (Linux's default when unreadable)."""
-    try:
-        low, high = (int(part) for part in EPHEMERAL_RANGE_FILE.read_text().split())
-    except (OSError, ValueError):
-        low, high = 32768, 60999
-    return range(low, high + 1)
-
-
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free now and outside the ephemeral range.
-
-    The demo binds most of its ports only after it has started other components, and their
-    outgoing connections take local ports from the ephemeral range: a port picked there (as
-    binding port 0 does) can be taken in between, and the later bind fails with "address already
-    in use".
-    """
-    ephemeral = ephemeral_ports()
-    candidates = [
-        port
-        for port in range(LOWEST_PICKED_PORT, 65536)
-        if port not in ephemeral and port not in _picked
-    ]
-    for port in random.sample(candidates, min(len(candidates), 200)):
-        with socket.socket() as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
-        _picked.add(port)
-        return port
-    with socket.socket() as sock:  # no room outside the range: take the kernel's choice
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port free now and never picked before by this demo (see ``tunnel_agent.ports``)."""
+    (port,) = pick_free_ports(1, host, avoid=_picked)
+    _picked.add(port)
+    return port
 
 
 def free_hub_host() -> str:

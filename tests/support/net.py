@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import itertools
 import os
-import random
 import socket
 import time
+
+from tunnel_agent.ports import pick_free_ports
 
 # Each test session takes its own block of 127.x.y.z so that two runs on one machine do not
 # fight over port 8883, which the IoT SDK cannot be told to avoid.
@@ -41,17 +42,6 @@ def address_in_use(host: str) -> bool:
 # free for the kernel to give out once more, so two picks made one after the other (or one made
 # while an earlier pick is not yet bound by the server it was for) could otherwise be the same.
 _handed_out: set[int] = set()
-_random = random.Random()
-# Ports are picked below the kernel's ephemeral range: a port picked there and bound a moment
-# later can meanwhile become the source port of any outgoing connection on this machine (the
-# suite makes thousands), and the server then fails with "address already in use".
-LOWEST_PORT = 20000
-
-
-def ephemeral_ports() -> tuple[int, int]:
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as numbers:
-        low, high = (int(n) for n in numbers.read().split())
-    return low, high
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -59,29 +49,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct free ports below the ephemeral range, none handed out before in this
-    session. Each stays bound until all are picked, so none is picked twice while picking."""
-    below = ephemeral_ports()[0]
-    spread = below - LOWEST_PORT >= 1000  # else an unusual range: the kernel's choice
-    sockets: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        while len(ports) < count:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                sock.bind((host, _random.randrange(LOWEST_PORT, below) if spread else 0))
-            except OSError:  # taken
-                sock.close()
-                continue
-            sockets.append(sock)
-            port = int(sock.getsockname()[1])
-            if port not in _handed_out:
-                ports.append(port)
-        _handed_out.update(ports)
-        return ports
-    finally:
-        for sock in sockets:
-            sock.close()
+    """``count`` distinct free ports outside the kernel's ephemeral range (a port picked there and
+    bound a moment later can meanwhile become the source port of an outgoing connection), none
+    handed out before in this session (see ``tunnel_agent.ports``)."""
+    ports = pick_free_ports(count, host, avoid=_handed_out)
+    _handed_out.update(ports)
+    return ports
 
 
 def wait_port(host: str, port: int, timeout_s: float = 10.0) -> None:
