@@ -33,7 +33,7 @@ from tests.support.relay_bed import (
 from tests.support.threadloop import ThreadLoop
 from tests.support.waiting import until
 from tests.test_tunnel_video import decode_frames
-from tunnel_agent.cloud.relay.front import WEBSOCKET_READ_LIMIT_BYTES
+from tunnel_agent.cloud.relay.front import fill_limit
 from tunnel_agent.cloud.relay.hub_service import KEPT_CONNECTIONS
 from tunnel_agent.cloud.relay.runner import RunningRelay
 
@@ -404,11 +404,11 @@ async def test_the_device_side_runs_tls_on_the_socket_and_bounds_each_read(
     bed: RelayBed, start: StartRelay
 ) -> None:
     """A device's WebSocket has no memory BIOs in front of it, and picows is handed bounded
-    reads: with the agent's frames of one TLS record, its read buffer stops at ~30 KiB."""
+    reads that keep its read buffer under its growth threshold (tests/test_relay_read_buffer.py)."""
     relay = start(routes=[route(bed)])
     _, writer = await open_rtsp(route_port(relay))
 
-    async def device_transport() -> tuple[object, object, object, int]:
+    async def device_transport() -> tuple[object, object, object, int, int]:
         (tunnel,) = relay.relay.tunnels.values()  # read on the relay's own loop
         ws = tunnel.device.ws
         assert ws is not None
@@ -418,13 +418,14 @@ async def test_the_device_side_runs_tls_on_the_socket_and_bounds_each_read(
             transport.get_extra_info("ssl_outgoing_use_membio"),
             transport.get_extra_info("cipher"),
             len(transport.get_protocol().get_buffer(-1)),
+            transport.get_protocol().buffer_bytes,
         )
 
-    incoming_membio, outgoing_membio, cipher, read_bytes = await bed.servers.call(
+    incoming_membio, outgoing_membio, cipher, read_bytes, buffer_bytes = await bed.servers.call(
         device_transport()
     )
     assert incoming_membio is False and outgoing_membio is False
     assert cipher is not None
-    assert read_bytes <= WEBSOCKET_READ_LIMIT_BYTES
+    assert 0 < read_bytes <= fill_limit(buffer_bytes)
     writer.close()
     await until(lambda: len(relay.relay.history) == 1, timeout_s=10)

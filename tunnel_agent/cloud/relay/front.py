@@ -35,15 +35,18 @@ from tunnel_agent.cloud.relay.sources import source_key
 from tunnel_agent.logs import EventLogger
 
 MAX_HEAD_BYTES = 16 * 1024
-PICOWS_READ_BUFFER_BYTES = 4096  # grows with the frames it must hold; idle tunnels stay small
-# What one read may hand picows while its buffer is small. picows doubles its read buffer when a
-# read leaves it 90 % full and never shrinks it. A frame from our agents is one TLS record at most
-# (pump.MAX_SEND_FRAME_BYTES) unless the tunnel moves bulk: the part of one still waiting plus a
-# read of this size stay under 90 % of 30 KiB, so a camera-rate tunnel's buffer stops there
-# whatever a burst brings (an unbounded read fills any buffer and doubles it). A buffer already
-# grown past that (bulk frames) gets whole reads: bounding it would only cost reads.
-WEBSOCKET_READ_LIMIT_BYTES = 11 * 1024
-SMALL_READ_BUFFER_BYTES = 30 * 1024
+# picows's read buffer: it keeps 256 bytes of it aside, doubles the rest when a read leaves it
+# more than 90 % full (or 256 bytes from its end) and never shrinks it. A frame from our agents is
+# one TLS record at most (pump.MAX_SEND_FRAME_BYTES: 16,384 bytes with its header) unless the
+# tunnel moves bulk. Starting from 2,816 bytes (2,560 usable; an idle tunnel keeps that), the third
+# doubling gives 20,480, whose 90 % holds such a frame and 2 KiB more: each read is bounded to what
+# keeps the buffer under the growth threshold (normally one whole record), so a camera-rate
+# tunnel's buffer stops at 20,480 whatever a burst brings. Only a frame that cannot fit under
+# the threshold (a bulk frame) gets the whole buffer and makes picows double it.
+PICOWS_READ_BUFFER_BYTES = 3328
+PICOWS_SPARE_BYTES = 256
+_PICOWS_GROW_PERCENT = 90
+
 _TIMEOUT_ANSWER = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 _TOO_LARGE_ANSWER = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
@@ -86,13 +89,29 @@ class ServerWebSocket(WSProtocol):  # type: ignore[misc]
     through ``protocol_error()``.
     """
 
+    __slots__ = ("_read_at", "buffer_bytes")
+
+    def start_buffer(self) -> None:
+        """Follow the size of picows's read buffer (its own rule; picows does not expose it)."""
+        self.buffer_bytes = max(PICOWS_READ_BUFFER_BYTES, 2048) - PICOWS_SPARE_BYTES
+        self._read_at = 0
+
     def get_buffer(self, size_hint: int) -> memoryview:
         buffer: memoryview = super().get_buffer(size_hint)
-        if len(buffer) > SMALL_READ_BUFFER_BYTES:
-            return buffer
-        return buffer[:WEBSOCKET_READ_LIMIT_BYTES]
+        free = len(buffer)
+        size = self.buffer_bytes
+        while free > size:  # never expected; keeps the bound sane if picows grew on its own
+            size *= 2
+        self.buffer_bytes = size
+        position = self._read_at = size - free
+        room = fill_limit(size) - position
+        return buffer[:room] if room > 0 else buffer
 
     def buffer_updated(self, nbytes: int) -> None:
+        end = self._read_at + nbytes
+        size = self.buffer_bytes
+        if end > fill_limit(size):
+            self.buffer_bytes = size * 2  # as picows is about to
         super().buffer_updated(nbytes)
         transport = self.transport
         if transport is not None and transport.is_close_frame_sent:
@@ -101,28 +120,32 @@ class ServerWebSocket(WSProtocol):  # type: ignore[misc]
                 told()
 
 
+def fill_limit(size: int) -> int:
+    """How far picows's read buffer of ``size`` bytes may fill without being doubled."""
+    return min((size * (_PICOWS_GROW_PERCENT + 1) - 1) // 100, size - PICOWS_SPARE_BYTES - 1)
+
+
 def picows_server_protocol(route: WebSocketRoute, handshake_timeout_s: float) -> asyncio.Protocol:
     """A picows server-side protocol, as ``picows.ws_create_server`` makes one per connection."""
-    return cast(
-        asyncio.Protocol,
-        ServerWebSocket(
-            None,  # host and port: client side only
-            None,  # path: client side only
-            False,  # server side
-            route.listener_factory,
-            _PICOWS_LOGGER,
-            True,  # disconnect on an exception in a listener
-            handshake_timeout_s,
-            False,  # no auto-ping: the pump pings
-            20.0,
-            20.0,
-            picows.WSAutoPingStrategy.PING_WHEN_IDLE,
-            True,  # answer pings
-            route.max_frame_bytes,
-            None,  # extra headers: client side only
-            PICOWS_READ_BUFFER_BYTES,
-        ),
+    protocol = ServerWebSocket(
+        None,  # host and port: client side only
+        None,  # path: client side only
+        False,  # server side
+        route.listener_factory,
+        _PICOWS_LOGGER,
+        True,  # disconnect on an exception in a listener
+        handshake_timeout_s,
+        False,  # no auto-ping: the pump pings
+        20.0,
+        20.0,
+        picows.WSAutoPingStrategy.PING_WHEN_IDLE,
+        True,  # answer pings
+        route.max_frame_bytes,
+        None,  # extra headers: client side only
+        PICOWS_READ_BUFFER_BYTES,
     )
+    protocol.start_buffer()
+    return cast(asyncio.Protocol, protocol)
 
 
 def parse_head(head: bytes) -> RequestHead | None:

@@ -11,11 +11,20 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from picows import WSFrame, WSMsgType, WSTransport
+
 from tunnel_agent.cloud.relay.rtsp_steering import RtspSteering
 from tunnel_agent.cloud.relay.sessions import Session
 from tunnel_agent.cloud.relay.sources import Network
 from tunnel_agent.logs import EventLogger
-from tunnel_agent.tunnel.pump import End, Pump, PumpLimits, WebSocketEnd
+from tunnel_agent.tunnel.pump import (
+    BULK_FRAME_BYTES,
+    MAX_SEND_FRAME_BYTES,
+    End,
+    Pump,
+    PumpLimits,
+    WebSocketEnd,
+)
 
 
 @dataclass(eq=False)
@@ -58,7 +67,7 @@ class RelayTunnel(Pump):
         limits: PumpLimits,
         log: EventLogger,
     ) -> None:
-        self.device = WebSocketEnd("device")
+        self.device = DeviceEnd("device")
         super().__init__(consumer, self.device, limits, log)
         self.id = tunnel_id
         self.entry = entry
@@ -91,6 +100,41 @@ class RelayTunnel(Pump):
         if self.entry.protocol == "rtsp":
             self.steering = RtspSteering()
             SteeringFilter(self.steering, self.near, self.device).attach()
+
+
+class DeviceEnd(WebSocketEnd):
+    """The device's WebSocket, whose frames leave for the consumer one send per camera chunk.
+
+    Our agents cut a camera read into frames of one TLS record (``MAX_SEND_FRAME_BYTES``), so a
+    frame of exactly that size is followed by the rest of its chunk, usually in the same read
+    cycle but not always in the same read (the relay's reads stop where picows's buffer would
+    grow). Such a frame that ends a read waits, until the next frame joins it or, at the latest,
+    until the loop has finished this read cycle: one send to the consumer instead of two.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self._flush: asyncio.Handle | None = None
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if (
+            frame.last_in_buffer
+            and frame.msg_type == WSMsgType.BINARY
+            and frame.payload_size == MAX_SEND_FRAME_BYTES
+            and self._batch_bytes + MAX_SEND_FRAME_BYTES < BULK_FRAME_BYTES
+        ):
+            self.heard_at = time.monotonic()
+            self._batch.append(frame.get_payload_as_bytes())
+            self._batch_bytes += MAX_SEND_FRAME_BYTES
+            if self._flush is None:
+                self._flush = asyncio.get_running_loop().call_soon(self._flush_held)
+            return
+        super().on_ws_frame(transport, frame)
+
+    def _flush_held(self) -> None:
+        self._flush = None
+        if self._batch:
+            self._forward_batch()
 
 
 class SteeringFilter:
