@@ -12,13 +12,16 @@ in ``Authorization`` headers after the camera asks for them; no error names them
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import ssl
-from collections import deque
-from typing import Protocol
+from typing import Protocol, Unpack
 
-from tunnel_agent.rtsp.auth import Credentials
+from tunnel_agent.rtsp.connection import (
+    MAX_REASON_CHARS,
+    ConnectionOptions,
+    Failure,
+    RtspConnection,
+)
 from tunnel_agent.rtsp.errors import (
     RtspAuthFailed,
     RtspConnectionLost,
@@ -27,20 +30,17 @@ from tunnel_agent.rtsp.errors import (
     RtspProtocolError,
     RtspTimeout,
 )
-from tunnel_agent.rtsp.messages import (
-    Framer,
-    Response,
-    build_request,
-    parse_rtp_info,
-    parse_session,
-)
+from tunnel_agent.rtsp.messages import Response, parse_rtp_info
 from tunnel_agent.rtsp.sdp import MediaDescription, SessionDescription, control_url, parse_sdp
 
-DEFAULT_SESSION_TIMEOUT_S = 60.0
-MIN_KEEPALIVE_S = 1.0
-TEARDOWN_WAIT_S = 1.0
-MAX_REASON_CHARS = 80
 _INTERLEAVED = re.compile(r"interleaved=(\d+)(?:-(\d+))?", re.IGNORECASE)
+_FAILURES: dict[Failure, type[RtspError]] = {
+    "timeout": RtspTimeout,
+    "unreachable": RtspConnectionLost,
+    "closed": RtspConnectionLost,
+    "auth": RtspAuthFailed,
+    "protocol": RtspProtocolError,
+}
 
 
 class RtpReceiver(Protocol):
@@ -51,7 +51,7 @@ class RtpReceiver(Protocol):
     def set_reference(self, rtptime: int) -> None: ...
 
 
-class RtspClient(asyncio.Protocol):
+class RtspClient(RtspConnection, peer="the camera", error_type=RtspError):
     """One RTSP session: ``connect``, ``describe``, ``setup`` each stream, ``play``, then
     ``wait`` until the stream ends (it raises why), and ``close``."""
 
@@ -59,56 +59,28 @@ class RtspClient(asyncio.Protocol):
         self,
         url: str,
         *,
-        username: str | None = None,
-        password: str | None = None,
-        request_timeout_s: float = 10.0,
         read_timeout_s: float = 10.0,
-        user_agent: str = "tunnel-agent",
         read_interval_s: float = 0.0,
+        **options: Unpack[ConnectionOptions],
     ) -> None:
-        self.url = url
+        super().__init__(url, **options)
         self.base_url = url
-        self.request_timeout_s = request_timeout_s
         self.read_timeout_s = read_timeout_s
-        self.user_agent = user_agent
         # Above 0, reading pauses this long after each chunk: the kernel gathers the camera's
         # packets meanwhile and one read takes them all (a few reads a second, not one a packet).
         self.read_interval_s = read_interval_s
-        self._credentials = Credentials(username, password or "") if username else None
-        self._framer = Framer(self._packet, self._response)
-        self._transport: asyncio.Transport | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._cseq = 0
-        self._pending: deque[tuple[int, str, asyncio.Future[Response]]] = deque()
         self._receivers: dict[int, RtpReceiver] = {}
         self._streams: list[tuple[str, RtpReceiver]] = []  # (SETUP URL, receiver)
-        self._session: str | None = None
-        self._session_timeout_s = DEFAULT_SESSION_TIMEOUT_S
-        self._methods: set[str] = set()
         self._ended: asyncio.Future[None] | None = None
         self._last_data = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
-        self._keepalive: asyncio.Task[None] | None = None
         self.playing = False
 
     # -- the steps ------------------------------------------------------------------------------
 
     async def connect(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
         """Over TCP to ``host:port``, in TLS with ``tls`` (RTSPS; the name checked is ``host``)."""
-        loop = self.prepare()
-        try:
-            async with asyncio.timeout(self.request_timeout_s):
-                await loop.create_connection(
-                    lambda: self, host, port, ssl=tls, server_hostname=host if tls else None
-                )
-        except TimeoutError:
-            raise RtspTimeout("the camera did not answer in time") from None
-        except ssl.SSLError as exc:
-            reason = getattr(exc, "reason", None) or type(exc).__name__
-            raise RtspConnectionLost(f"the camera's TLS was refused ({reason})") from None
-        except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
-            raise RtspConnectionLost(f"the camera could not be reached ({reason})") from None
+        await self._open(self.prepare(), host, port, tls)
 
     def prepare(self) -> asyncio.AbstractEventLoop:
         """Ready to be connected: ``connect`` calls it, and so does a caller that joins this
@@ -119,9 +91,7 @@ class RtspClient(asyncio.Protocol):
         return loop
 
     async def describe(self) -> SessionDescription:
-        options = await self.request("OPTIONS", self.url)
-        public = options.header("public") or ""
-        self._methods = {m.strip().upper() for m in public.split(",") if m.strip()}
+        await self._options(self.url)
         answer = await self.request("DESCRIBE", self.url, {"Accept": "application/sdp"})
         base = answer.header("content-base") or answer.header("content-location")
         self.base_url = base or self.url
@@ -142,20 +112,15 @@ class RtspClient(asyncio.Protocol):
             raise RtspProtocolError("the camera does not send this stream over the RTSP connection")
         self._receivers[int(found.group(1))] = receiver
         self._streams.append((url, receiver))
-        session, timeout_s = parse_session(answer.header("session"))
-        if session is None:
-            raise RtspProtocolError("the camera's SETUP answer has no session")
-        self._session = session
-        if timeout_s:
-            self._session_timeout_s = timeout_s
+        self._take_session(answer)
 
     async def play(self) -> None:
-        # RTP-Info is applied in ``_response``, before any packet that follows the answer.
+        # RTP-Info is applied in ``_answered``, before any packet that follows the answer.
         await self.request("PLAY", self.base_url, {"Range": "npt=0.000-"})
         loop = asyncio.get_running_loop()
         self._last_data = loop.time()
         self._watchdog = loop.call_later(self.read_timeout_s / 2, self._check_reads)
-        self._keepalive = loop.create_task(self._keep_alive())
+        self._start_keep_alive(loop)
 
     async def wait(self) -> None:
         """Until the stream ends: raises ``RtspError`` with the reason (or what a receiver
@@ -170,10 +135,7 @@ class RtspClient(asyncio.Protocol):
         if self._watchdog is not None:
             self._watchdog.cancel()
         transport = self._transport
-        if transport is not None and not transport.is_closing() and self._session is not None:
-            with contextlib.suppress(RtspError, TimeoutError):
-                async with asyncio.timeout(TEARDOWN_WAIT_S):
-                    await self.request("TEARDOWN", self.base_url)
+        await self._teardown()
         self._end(RtspConnectionLost("the RTSP session was closed"))
         if transport is not None:
             transport.close()
@@ -184,55 +146,26 @@ class RtspClient(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
-    # -- requests -------------------------------------------------------------------------------
+    # -- how the camera side words and ends things --------------------------------------------
 
-    async def request(
-        self, method: str, url: str, headers: dict[str, str] | None = None
-    ) -> Response:
-        """One request and its answer (after answering an authentication challenge, once)."""
-        answer = await self._exchange(method, url, headers or {})
-        if answer.status == 401 and self._credentials is not None:
-            self._credentials.accept(answer.headers.get("www-authenticate", []))
-            answer = await self._exchange(method, url, headers or {})
-        if 200 <= answer.status < 300:
-            return answer
-        if answer.status == 401:
-            if self._credentials is None:
-                raise RtspAuthFailed("the camera asks for credentials and none were given")
-            raise RtspAuthFailed("the camera refused the credentials")
+    def _failure(self, kind: Failure, message: str) -> Exception:
+        return _FAILURES[kind](message)
+
+    def _tls_failure(self, exc: ssl.SSLError) -> Exception:
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        return RtspConnectionLost(f"the camera's TLS was refused ({reason})")
+
+    def _answer_failure(self, method: str, answer: Response) -> Exception:
         if answer.status == 404:
-            raise RtspNotFound("the camera has no stream at this path")
+            return RtspNotFound("the camera has no stream at this path")
         reason = answer.reason[:MAX_REASON_CHARS]
-        raise RtspError(f"the camera answered {method} with {answer.status} {reason}".rstrip())
+        return RtspError(f"the camera answered {method} with {answer.status} {reason}".rstrip())
 
-    async def _exchange(self, method: str, url: str, headers: dict[str, str]) -> Response:
-        transport = self._transport
-        if transport is None or transport.is_closing() or self._loop is None:
-            raise RtspConnectionLost("the connection to the camera is closed")
-        self._cseq += 1
-        all_headers = {"User-Agent": self.user_agent, **headers}
-        if self._session is not None:
-            all_headers["Session"] = self._session
-        if self._credentials is not None and self._credentials.ready:
-            all_headers["Authorization"] = self._credentials.authorization(method, url)
-        future: asyncio.Future[Response] = self._loop.create_future()
-        self._pending.append((self._cseq, method, future))
-        transport.write(build_request(method, url, self._cseq, all_headers))
-        try:
-            async with asyncio.timeout(self.request_timeout_s):
-                return await future
-        except TimeoutError:
-            raise RtspTimeout(f"the camera did not answer {method} in time") from None
+    def _session_url(self) -> str:
+        return self.base_url
 
-    async def _keep_alive(self) -> None:
-        interval_s = max(self._session_timeout_s / 2, MIN_KEEPALIVE_S)
-        method = "GET_PARAMETER" if "GET_PARAMETER" in self._methods else "OPTIONS"
-        try:
-            while True:
-                await asyncio.sleep(interval_s)
-                await self.request(method, self.base_url)
-        except RtspError as exc:
-            self._end(exc)
+    def _keep_alive_failed(self, error: Exception) -> None:
+        self._end(error)
 
     def _check_reads(self) -> None:
         assert self._loop is not None
@@ -245,10 +178,6 @@ class RtspClient(asyncio.Protocol):
         self._watchdog = self._loop.call_later(self.read_timeout_s / 2, self._check_reads)
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
 
     def data_received(self, data: bytes) -> None:
         assert self._loop is not None and self._transport is not None
@@ -268,29 +197,19 @@ class RtspClient(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             transport.resume_reading()
 
-    def eof_received(self) -> bool | None:
-        return None
-
     def connection_lost(self, exc: Exception | None) -> None:
         self._end(RtspConnectionLost("the camera closed the connection"))
 
-    def _packet(self, channel: int, packet: memoryview) -> None:
+    def _interleaved(self, channel: int, packet: memoryview) -> None:
         receiver = self._receivers.get(channel)
         if receiver is not None:  # odd channels carry RTCP: nothing here needs it
             receiver.push(packet)
 
-    def _response(self, response: Response) -> None:
-        cseq = response.header("cseq")
-        while self._pending:
-            sent, method, future = self._pending.popleft()
-            if cseq is not None and cseq.strip() != str(sent):
-                continue  # an answer that never came (its request timed out): skip it
-            if method == "PLAY" and 200 <= response.status < 300:
-                self._apply_rtp_info(response)
-                self.playing = True
-            if not future.done():
-                future.set_result(response)
-            return
+    def _answered(self, method: str, response: Response) -> None:
+        # RTP-Info applies before any packet that follows the answer.
+        if method == "PLAY" and 200 <= response.status < 300:
+            self._apply_rtp_info(response)
+            self.playing = True
 
     def _apply_rtp_info(self, response: Response) -> None:
         times = parse_rtp_info(response.header("rtp-info"))
@@ -302,10 +221,7 @@ class RtspClient(asyncio.Protocol):
                 receiver.set_reference(rtptime)
 
     def _end(self, error: Exception) -> None:
-        for _, _, future in self._pending:
-            if not future.done():
-                future.set_exception(error)
-        self._pending.clear()
+        self._fail_pending(lambda: error)
         if self._ended is not None and not self._ended.done():
             self._ended.set_exception(error)
             self._ended.exception()  # retrieved: whoever waits gets it, no one must

@@ -23,16 +23,17 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections import deque
+from typing import Unpack
 
-from tunnel_agent.rtsp.auth import Credentials
+from tunnel_agent.rtsp.connection import (
+    MAX_REASON_CHARS,
+    ConnectionOptions,
+    Failure,
+    RtspConnection,
+)
 from tunnel_agent.rtsp.errors import RtspError
-from tunnel_agent.rtsp.messages import Framer, Response, build_request, parse_session
+from tunnel_agent.rtsp.messages import Response
 
-DEFAULT_SESSION_TIMEOUT_S = 60.0
-MIN_KEEPALIVE_S = 1.0
-TEARDOWN_WAIT_S = 1.0
-MAX_REASON_CHARS = 80
 TRACK_CONTROL = "streamid=0"
 
 
@@ -40,37 +41,22 @@ class PublishError(Exception):
     """The media server refused or lost the session; ``str(error)`` says why, without secrets."""
 
 
-class RtspPublisher(asyncio.Protocol):
+class RtspPublisher(RtspConnection, peer="the media server", error_type=PublishError):
     """One RECORD session: ``connect``, ``record`` with an SDP, ``send`` batches, ``close``."""
 
     def __init__(
         self,
         url: str,
         *,
-        username: str | None = None,
-        password: str | None = None,
-        request_timeout_s: float = 10.0,
         write_timeout_s: float = 10.0,
         max_queued_bytes: int = 1 << 20,
         send_buffer_bytes: int = 256 * 1024,
-        user_agent: str = "tunnel-agent",
+        **options: Unpack[ConnectionOptions],
     ) -> None:
-        self.url = url  # without credentials
-        self.request_timeout_s = request_timeout_s
+        super().__init__(url, **options)
         self.write_timeout_s = write_timeout_s
         self.max_queued_bytes = max_queued_bytes
         self.send_buffer_bytes = send_buffer_bytes
-        self.user_agent = user_agent
-        self._credentials = Credentials(username, password or "") if username else None
-        self._framer = Framer(lambda _channel, _packet: None, self._response)  # RTCP: unused
-        self._transport: asyncio.Transport | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._cseq = 0
-        self._pending: deque[tuple[int, asyncio.Future[Response]]] = deque()
-        self._session: str | None = None
-        self._session_timeout_s = DEFAULT_SESSION_TIMEOUT_S
-        self._methods: set[str] = set()
-        self._keepalive: asyncio.Task[None] | None = None
         self._stall_check: asyncio.TimerHandle | None = None
         self._sent_at_check = 0
         self._progress_at = 0.0
@@ -90,50 +76,25 @@ class RtspPublisher(asyncio.Protocol):
     ) -> None:
         """TCP (and TLS with ``ssl_context``, verifying the server as ``host``) within the bound."""
         loop = self._loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(self.request_timeout_s):
-                await loop.create_connection(
-                    lambda: self,
-                    host,
-                    port,
-                    ssl=ssl_context,
-                    server_hostname=host if ssl_context is not None else None,
-                    ssl_handshake_timeout=self.request_timeout_s if ssl_context else None,
-                )
-        except TimeoutError:
-            raise PublishError("the media server did not answer in time") from None
-        except ssl.SSLCertVerificationError as exc:
-            reason = exc.verify_message or "certificate verify failed"
-            raise PublishError(f"the media server's certificate is untrusted ({reason})") from None
-        except ssl.SSLError as exc:
-            raise PublishError(f"TLS with the media server failed ({exc.reason})") from None
-        except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
-            raise PublishError(f"the media server could not be reached ({reason})") from None
+        handshake_timeout_s = self.request_timeout_s if ssl_context else None
+        await self._open(loop, host, port, ssl_context, handshake_timeout_s)
         assert self._transport is not None
         self._transport.set_write_buffer_limits(self.max_queued_bytes, self.max_queued_bytes // 4)
         self.write_bounded = self._bound_socket()
 
     async def record(self, sdp: str) -> None:
         """OPTIONS, ANNOUNCE ``sdp``, SETUP its one track, RECORD; then keep the session alive."""
-        options = await self.request("OPTIONS", self.url)
-        public = options.header("public") or ""
-        self._methods = {m.strip().upper() for m in public.split(",") if m.strip()}
+        await self._options(self.url)
         await self.request("ANNOUNCE", self.url, {"Content-Type": "application/sdp"}, sdp.encode())
         track = f"{self.url.rstrip('/')}/{TRACK_CONTROL}"
         answer = await self.request(
             "SETUP", track, {"Transport": "RTP/AVP/TCP;unicast;interleaved=0-1;mode=record"}
         )
-        session, timeout_s = parse_session(answer.header("session"))
-        if session is None:
-            raise PublishError("the media server's SETUP answer has no session")
-        self._session = session
-        if timeout_s:
-            self._session_timeout_s = timeout_s
+        self._take_session(answer)
         await self.request("RECORD", self.url, {"Range": "npt=0.000-"})
         self.recording = True
         assert self._loop is not None
-        self._keepalive = self._loop.create_task(self._keep_alive())
+        self._start_keep_alive(self._loop)
 
     def send(self, data: bytes) -> bool:
         """Write one batch of framed RTP packets; False if refused (congested, or ended)."""
@@ -152,11 +113,7 @@ class RtspPublisher(asyncio.Protocol):
     async def close(self) -> None:
         """TEARDOWN (briefly waited for), then close the connection."""
         self._stop_timers()
-        transport = self._transport
-        if transport is not None and not transport.is_closing() and self._session is not None:
-            with contextlib.suppress(PublishError, TimeoutError):
-                async with asyncio.timeout(TEARDOWN_WAIT_S):
-                    await self.request("TEARDOWN", self.url)
+        await self._teardown()
         self.abort("the session was closed")
 
     def abort(self, reason: str) -> None:
@@ -166,64 +123,38 @@ class RtspPublisher(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
-    # -- requests -------------------------------------------------------------------------------
+    # -- how the publishing side words and ends things ----------------------------------------
 
-    async def request(
-        self, method: str, url: str, headers: dict[str, str] | None = None, body: bytes = b""
-    ) -> Response:
-        """One request and its answer (after answering an authentication challenge, once)."""
-        answer = await self._exchange(method, url, headers or {}, body)
-        if answer.status == 401 and self._credentials is not None:
-            try:
-                self._credentials.accept(answer.headers.get("www-authenticate", []))
-            except RtspError:
-                raise PublishError(
-                    "the media server asks for an authentication scheme the agent lacks"
-                ) from None
-            answer = await self._exchange(method, url, headers or {}, body)
-        if 200 <= answer.status < 300:
-            return answer
-        if answer.status == 401:
-            if self._credentials is None:
-                raise PublishError("the media server asks for credentials and none were given")
-            raise PublishError("the media server refused the credentials")
+    def _failure(self, kind: Failure, message: str) -> Exception:
+        if kind == "closed":
+            return PublishError(self.error or message)
+        return PublishError(message)
+
+    def _tls_failure(self, exc: ssl.SSLError) -> Exception:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            reason = exc.verify_message or "certificate verify failed"
+            return PublishError(f"the media server's certificate is untrusted ({reason})")
+        return PublishError(f"TLS with the media server failed ({exc.reason})")
+
+    def _answer_failure(self, method: str, answer: Response) -> Exception:
         reason = answer.reason[:MAX_REASON_CHARS]
-        raise PublishError(f"the media server answered {method} with {answer.status} {reason}")
+        return PublishError(f"the media server answered {method} with {answer.status} {reason}")
 
-    async def _exchange(
-        self, method: str, url: str, headers: dict[str, str], body: bytes
-    ) -> Response:
-        transport = self._transport
-        if transport is None or transport.is_closing() or self._loop is None:
-            raise PublishError(self.error or "the connection to the media server is closed")
-        self._cseq += 1
-        all_headers = {"User-Agent": self.user_agent, **headers}
-        if self._session is not None:
-            all_headers["Session"] = self._session
-        if self._credentials is not None and self._credentials.ready:
-            all_headers["Authorization"] = self._credentials.authorization(method, url)
-        if body:
-            all_headers["Content-Length"] = str(len(body))
-        future: asyncio.Future[Response] = self._loop.create_future()
-        self._pending.append((self._cseq, future))
-        transport.write(build_request(method, url, self._cseq, all_headers) + body)
+    def _accept_challenge(self, answer: Response) -> None:
         try:
-            async with asyncio.timeout(self.request_timeout_s):
-                return await future
-        except TimeoutError:
-            raise PublishError(f"the media server did not answer {method} in time") from None
+            super()._accept_challenge(answer)
+        except RtspError:
+            raise PublishError(
+                "the media server asks for an authentication scheme the agent lacks"
+            ) from None
 
-    async def _keep_alive(self) -> None:
+    async def _ping(self, method: str) -> None:
         """Any answer keeps the session (some servers refuse the method and still count it);
         none in time, or a closed connection, ends it."""
-        interval_s = max(self._session_timeout_s / 2, MIN_KEEPALIVE_S)
-        method = "GET_PARAMETER" if "GET_PARAMETER" in self._methods else "OPTIONS"
-        try:
-            while True:
-                await asyncio.sleep(interval_s)
-                await self._exchange(method, self.url, {}, b"")
-        except PublishError as exc:
-            self.abort(str(exc))
+        await self._exchange(method, self.url, {}, b"")
+
+    def _keep_alive_failed(self, error: Exception) -> None:
+        self.abort(str(error))
 
     # -- bounded writes -------------------------------------------------------------------------
 
@@ -280,18 +211,11 @@ class RtspPublisher(asyncio.Protocol):
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-
     def data_received(self, data: bytes) -> None:
         try:
             self._framer.feed(data)
         except RtspError:
             self.abort("the media server sent bytes that are not RTSP")
-
-    def eof_received(self) -> bool | None:
-        return None
 
     def pause_writing(self) -> None:
         self.congested = True
@@ -306,22 +230,10 @@ class RtspPublisher(asyncio.Protocol):
         else:
             self._end("the media server closed the connection")
 
-    def _response(self, response: Response) -> None:
-        cseq = response.header("cseq")
-        while self._pending:
-            sent, future = self._pending.popleft()
-            if cseq is not None and cseq.strip() != str(sent):
-                continue  # an answer that never came (its request timed out): skip it
-            if not future.done():
-                future.set_result(response)
-            return
-
     def _end(self, reason: str) -> None:
         if self.error is None:
             self.error = reason
-        for _, future in self._pending:
-            if not future.done():
-                future.set_exception(PublishError(self.error))
-        self._pending.clear()
+        error = self.error
+        self._fail_pending(lambda: PublishError(error))
         self.recording = False
         self.ended.set()
